@@ -1,0 +1,124 @@
+"""Every architecture builds, trains an epoch on real data and passes the export's parity gate;
+the CLI fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from training import architectures, export
+from training.__main__ import main
+from training.data import load
+from training.train import TrainConfig, save, to_tensor, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_dataset():  # type: ignore[no-untyped-def]
+    return load(download=False)
+
+
+@pytest.mark.parametrize("arch", list(architectures.ARCHITECTURES))
+def test_architecture_trains_and_exports_with_parity(arch: str, small_dataset, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = TrainConfig(arch=arch, epochs=1, batch_size=64, train_limit=1024)
+    result = train(small_dataset, cfg, verbose=0)
+    assert result.history["loss"][0] > 0 and len(result.history["val_accuracy"]) == 1
+    model = result.model
+    layers = architectures.feature_layers(model)
+    if arch != "mlp":
+        assert layers and all(model.get_layer(n).output.shape[-1] > 1 for n in layers)
+    assert model.get_layer("embedding").output.shape[-1] == 128
+    if arch == architectures.DEFAULT_ARCH:
+        assert model.count_params() < 500_000
+
+    target = tmp_path / "model.onnx"
+    parity = export.export(model, target, to_tensor(small_dataset.test.images[:1000]))
+    assert parity.samples == 1000 and parity.max_abs_diff <= 1e-5 and parity.argmax_agreement == 1.0
+
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert session.get_inputs()[0].shape == ["N", 28, 28, 1]
+    assert [o.name for o in session.get_outputs()] == ["probabilities", *layers, "embedding"]
+    out = session.run(None, {"image": to_tensor(small_dataset.test.images[:5])})
+    assert out[0].shape == (5, 10)
+    np.testing.assert_allclose(out[0].sum(1), 1.0, atol=1e-5)
+    save(result, cfg, tmp_path)
+    assert json.loads((tmp_path / "training.json").read_text())["config"]["arch"] == arch
+
+
+def test_parity_gate_fails_and_writes_nothing(small_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    model = architectures.build("mlp")
+    real_to_onnx = export.to_onnx
+
+    def perturbed(m):  # type: ignore[no-untyped-def]
+        # The ONNX graph of a *different* (freshly initialised) model: parity must fail.
+        return real_to_onnx(architectures.build("mlp"))
+
+    monkeypatch.setattr(export, "to_onnx", perturbed)
+    target = tmp_path / "model.onnx"
+    with pytest.raises(export.ParityError, match="ONNX differs from Keras"):
+        export.export(model, target, to_tensor(small_dataset.test.images[:200]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_train_export_evaluate_end_to_end(tmp_path: Path) -> None:
+    code = main(
+        [
+            "train",
+            "--arch",
+            "mlp",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "2000",
+            "--out",
+            str(tmp_path),
+            "--version",
+            "7",
+        ]
+    )
+    assert code == 0
+    folder = tmp_path / "fashion-mnist-mlp" / "7"
+    card = json.loads((folder / "card.json").read_text())
+    assert card["name"] == "fashion-mnist-mlp" and card["version"] == "7"
+    assert card["metrics"]["test_accuracy"] > 0.5
+    assert card["training"]["architecture"] == "mlp" and card["training"]["epochs"] == 1
+    assert {o["name"] for o in card["outputs"]} == {"probabilities", "embedding"}
+    for name in ("model.onnx", "evaluation.json", "confusion_matrix.png", "training_curves.png"):
+        assert (folder / name).is_file()
+    # export and evaluate also work as separate steps
+    assert main(["export", str(folder)]) == 0
+    assert main(["evaluate", str(folder)]) == 0
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--arch", "resnet9000"], "invalid choice: 'resnet9000'"),
+        (["train", "--epochs", "0"], "must be ≥ 1"),
+        (["train", "--epochs", "many"], "invalid _positive value"),
+        (["train", "--data-dir", "/nonexistent"], "/nonexistent: missing"),
+        (["evaluate", "/nonexistent/model"], "no such model folder"),
+        (["export", "/tmp"], "training.json: missing"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_cli_errors_are_one_line_and_nonzero(args: list[str], message: str) -> None:
+    result = _cli(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "tensorflow" not in line.lower()]
+    assert any(message in line for line in lines), result.stderr
+    assert "Traceback" not in result.stderr

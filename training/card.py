@@ -1,0 +1,90 @@
+"""card.json: everything the service and a reader need to know about one model version."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from training.data import CLASS_NAMES, sha256_of
+
+CARD = "card.json"
+LIBRARIES = ("tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime", "numpy")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def outputs_spec(shapes: dict[str, list[int]]) -> list[dict[str, object]]:
+    """Describe each ONNX output; `shapes` maps name → shape with -1 for the batch."""
+    spec: list[dict[str, object]] = []
+    for name, shape in shapes.items():
+        if name == "probabilities":
+            kind, meaning = "probabilities", "softmax class probabilities in class-id order, summing to 1"
+        elif name == "embedding":
+            kind, meaning = "embedding", "activations of the penultimate dense layer (after ReLU)"
+        else:
+            kind, meaning = "feature_map", f"activations of conv layer {name} after ReLU, NHWC"
+        spec.append({"name": name, "shape": shape, "dtype": "float32", "kind": kind, "description": meaning})
+    return spec
+
+
+def build(
+    *,
+    name: str,
+    version: str,
+    onnx_path: Path,
+    output_shapes: dict[str, list[int]],
+    training: dict[str, object],
+    parameters: int,
+    data_sha256: dict[str, str],
+    parity: dict[str, object],
+    opset: int,
+    metrics: dict[str, object] | None = None,
+) -> dict[str, object]:
+    return {
+        "name": name,
+        "version": version,
+        "description": "Fashion-MNIST garment classifier (10 classes), trained with TensorFlow/Keras, "
+        "exported with tf2onnx.",
+        "classes": list(CLASS_NAMES),
+        "input": {
+            "name": "image",
+            "shape": [-1, 28, 28, 1],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "range": [0.0, 1.0],
+            "polarity": "light garment on a dark background, as in Fashion-MNIST",
+        },
+        "outputs": outputs_spec(output_shapes),
+        "metrics": metrics or {},
+        "training": training,
+        "parameters": parameters,
+        "data": {"name": "Fashion-MNIST", "sha256": data_sha256},
+        "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path), "opset": opset, "parity": parity},
+        "libraries": {"python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES}},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def read(folder: Path) -> dict[str, object]:
+    return json.loads((folder / CARD).read_text())
+
+
+def write(folder: Path, card: dict[str, object]) -> None:
+    (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def card_metrics(evaluation: dict[str, object], validation_accuracy: float | None) -> dict[str, object]:
+    """The card keeps the headline figures and per-class scores; the confusion matrix stays in
+    evaluation.json."""
+    summary = {k: v for k, v in evaluation.items() if k != "confusion_matrix"}
+    if validation_accuracy is not None:
+        summary["validation_accuracy"] = round(validation_accuracy, 4)
+    return summary

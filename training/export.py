@@ -1,0 +1,102 @@
+"""Keras → ONNX with tf2onnx, named inputs and outputs, and a parity gate against Keras.
+
+tf2onnx's `from_keras` fails on Keras 3 models, so the model is wrapped in a `tf.function`
+with an explicit input signature and converted with `from_function`; its tensors then get
+the names the service and the card use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf2onnx  # noqa: E402
+
+from training.architectures import feature_layers  # noqa: E402
+
+OPSET = 17
+INPUT_NAME = "image"
+PARITY_SAMPLES = 1_000
+PARITY_ATOL = 1e-5
+
+
+class ParityError(Exception):
+    """ONNX and Keras disagree beyond the gate: nothing is written."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    samples: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+
+def output_names(model: keras.Model) -> list[str]:
+    return ["probabilities", *feature_layers(model), "embedding"]
+
+
+def to_onnx(model: keras.Model) -> onnx.ModelProto:
+    names = output_names(model)
+    tapped = keras.Model(model.inputs, [model.output] + [model.get_layer(n).output for n in names[1:]])
+    spec = (tf.TensorSpec([None, 28, 28, 1], tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def serve(image: tf.Tensor) -> list[tf.Tensor]:
+        return tapped(image, training=False)
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=OPSET)
+    _rename(proto, {proto.graph.input[0].name: INPUT_NAME})
+    _rename(proto, {out.name: name for out, name in zip(proto.graph.output, names, strict=True)})
+    for out in proto.graph.output:  # a clean, symbolic batch dimension everywhere
+        out.type.tensor_type.shape.dim[0].dim_param = "N"
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    proto.graph.name = model.name
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _rename(proto: onnx.ModelProto, mapping: dict[str, str]) -> None:
+    graph = proto.graph
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        value.name = mapping.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [mapping.get(n, n) for n in node.input]
+        node.output[:] = [mapping.get(n, n) for n in node.output]
+
+
+def check_parity(model: keras.Model, onnx_bytes: bytes, images: np.ndarray) -> Parity:
+    """Probabilities from onnxruntime and Keras on the same images must match."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {INPUT_NAME: images})[0]
+    want = model.predict(images, batch_size=256, verbose=0)
+    diff = float(np.max(np.abs(got - want)))
+    agree = float(np.mean(got.argmax(1) == want.argmax(1)))
+    parity = Parity(len(images), diff, agree)
+    if diff > PARITY_ATOL or agree < 1.0:
+        raise ParityError(
+            f"ONNX differs from Keras: max |diff| {diff:.2e} (gate {PARITY_ATOL:.0e}), "
+            f"argmax agreement {agree:.2%} on {len(images)} images"
+        )
+    return parity
+
+
+def export(model: keras.Model, target: Path, parity_images: np.ndarray) -> Parity:
+    """Convert, check parity on `parity_images`, then move the file into place atomically."""
+    proto = to_onnx(model)
+    data = proto.SerializeToString()
+    parity = check_parity(model, data, parity_images[:PARITY_SAMPLES])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model.", suffix=".onnx")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return parity
