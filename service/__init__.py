@@ -1,0 +1,3 @@
+"""Fashion-MNIST model serving: onnxruntime behind FastAPI. Never imports TensorFlow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,79 @@
+"""python -m service: read settings (flags override FASHION_SERVE_* variables), run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.errors import ModelLoadError
+from service.settings import ENV_PREFIX, Settings
+
+FLAGS = {
+    "host": "interface to listen on",
+    "port": "TCP port",
+    "models": "model repository folder",
+    "model": "model name to serve",
+    "model_version": "model version to serve (default: highest)",
+    "providers": "execution providers in order, e.g. cuda,cpu (default: auto)",
+    "workers": "uvicorn worker processes",
+    "intra_op_threads": "onnxruntime intra-op threads",
+    "log_level": "log level",
+}
+
+
+def parse_args(argv: list[str] | None) -> dict[str, str]:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve the Fashion-MNIST model.")
+    for name, help_text in FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{help_text} [{ENV_PREFIX}{name.upper()}]")
+    parser.add_argument("--strict-providers", action="store_true", default=None, help="fail if a provider is missing")
+    return {k: str(v) for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    flags = parse_args(argv)
+    # Flags become environment variables so every uvicorn worker builds the same settings.
+    for name, value in flags.items():
+        os.environ[f"{ENV_PREFIX}{name.upper()}"] = value
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"error: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.app import app_from_env, build_model, configure_logging, create_app
+
+    configure_logging(settings)
+    try:
+        # Fail fast with a one-line reason before serving: locate, verify and load once.
+        model = build_model(settings)
+        model.load()
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": 30,
+    }
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings, model=model), **common)
+    else:  # each worker process builds its own app and session from the environment
+        uvicorn.run(
+            f"{app_from_env.__module__}:{app_from_env.__name__}",
+            factory=True,
+            workers=settings.workers,
+            **common,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

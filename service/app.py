@@ -1,0 +1,109 @@
+"""create_app(settings): routers, one error handler, and a lifespan that loads the model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import __version__
+from service.api import classify, health, models, v2
+from service.batching import Batcher
+from service.errors import ServiceError
+from service.model import Model, locate
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+def build_model(settings: Settings) -> Model:
+    """Locate and read the model (not yet loaded); raises ModelLoadError with a one-line reason."""
+    folder = locate(settings.models, settings.model, settings.model_version)
+    return Model(
+        folder,
+        providers=settings.providers,
+        strict_providers=settings.strict_providers,
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.graph_optimization,
+    )
+
+
+def create_app(settings: Settings | None = None, model: Model | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model or build_model(settings)
+        app.state.model = loaded
+        if not loaded.ready:
+            await run_in_threadpool(loaded.load)
+        batcher = Batcher(loaded, settings.batch_max_size, settings.batch_max_delay_ms)
+        app.state.batcher = batcher
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(
+        title="Fashion-MNIST serving",
+        version=__version__,
+        description="Classify garment images with an ONNX model: friendly REST (`/v1`) and the Open "
+        'Inference Protocol (`/v2`). Every error is JSON: `{"error": "..."}`.',
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.model = model
+    app.include_router(health.router)
+    app.include_router(classify.router)
+    app.include_router(models.router)
+    app.include_router(v2.router)
+    install_error_handlers(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        return JSONResponse(
+            {"error": "invalid request: " + "; ".join(problems), "detail": jsonable_errors(exc)},
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such route"
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, object]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for `python -m service` (each worker builds its own app)."""
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

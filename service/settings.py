@@ -1,0 +1,66 @@
+"""Every setting, each also an environment variable under the one prefix FASHION_SERVE_."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FASHION_SERVE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes, each with its own session.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    models: Path = Field(Path("models"), description="Model repository: <name>/<version>/{model.onnx,card.json}.")
+    model: str | None = Field(None, description="Model name to serve; default: the only one in the repository.")
+    model_version: str | None = Field(None, description="Version to serve; default: the highest.")
+
+    # NoDecode: the environment gives a comma-separated list, not JSON.
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="Execution providers in order of preference: cuda, cpu, tensorrt, or auto "
+        "(CUDA when onnxruntime offers it, else CPU). Comma-separated in the environment.",
+    )
+    strict_providers: bool = Field(
+        False, description="Fail at startup when a requested provider is unavailable instead of falling back."
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, description="onnxruntime intra-op threads (0 = one per core). 1 measured fastest here."
+    )
+    graph_optimization: Literal["disabled", "basic", "extended", "all"] = Field(
+        "all", description="onnxruntime graph optimisation level."
+    )
+
+    batch_max_size: int = Field(
+        64, ge=1, le=1024, description="Most images gathered from concurrent requests into one session run."
+    )
+    batch_max_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long a batch may wait for more requests (0: take only what is queued).",
+    )
+
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file.")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="Largest width×height, checked before decoding.")
+    max_batch_images: int = Field(256, ge=1, description="Most images (or array rows) in one batch request.")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [p for p in value.replace(" ", "").split(",") if p]
+        if isinstance(value, list):
+            value = [str(p).lower() for p in value]
+            if not value:
+                raise ValueError("at least one provider")
+        return value

@@ -1,0 +1,163 @@
+"""`python -m service` as a user starts it: a real uvicorn process on a free port."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import (
+    MODELS,
+    ROOT,
+    model_folder,
+    png_bytes,
+    reference_probabilities,
+    start_server,
+    stop_server,
+    wait_ready,
+)
+
+BLOCK_TENSORFLOW = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'tf_keras'):
+            raise ImportError('tensorflow is blocked in this test')
+sys.meta_path.insert(0, Block())
+sys.argv = ['service'] + sys.argv[1:]
+runpy.run_module('service', run_name='__main__')
+"""
+
+
+def test_live_server_answers_real_requests(live_server: str, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
+    images = test_split.images[100:150]
+    want = reference_probabilities(reference_session, images)
+    with httpx.Client(base_url=live_server, timeout=10) as http:
+        assert http.get("/healthz").json() == {"status": "ok"}
+        for pixels, expected in zip(images, want, strict=True):
+            body = http.post("/v1/predict", files={"file": ("x.png", png_bytes(pixels), "image/png")}).json()
+            assert body["probabilities"] == expected.tolist()
+        files = [("files", (f"{i}.png", png_bytes(p), "image/png")) for i, p in enumerate(images)]
+        batch = http.post("/v1/predict/batch", files=files).json()
+        got = np.array([r["probabilities"] for r in batch["results"]], np.float32)
+        np.testing.assert_array_equal(got, want)
+        bad = http.post("/v1/predict", files={"file": ("x.png", b"junk")})
+        assert bad.status_code == 400 and "error" in bad.json()
+        assert http.get("/readyz").status_code == 200
+
+
+def test_serves_where_tensorflow_cannot_be_imported(test_split) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import free_port
+
+    port = free_port()
+    args = ["--port", str(port), "--models", str(MODELS), "--model", model_folder().parent.name]
+    process = subprocess.Popen(
+        [sys.executable, "-c", BLOCK_TENSORFLOW, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        response = httpx.post(url + "/v1/predict", files={"file": ("x.png", png_bytes(test_split.images[0]))})
+        assert response.status_code == 200 and response.json()["label"]
+    finally:
+        log = stop_server(process)
+    assert "tensorflow is blocked" not in log
+
+
+def test_ready_within_two_seconds_and_flags_work() -> None:
+    process, url = start_server("--model", model_folder().parent.name, "--providers", "cpu", "--intra-op-threads", "1")
+    try:
+        seconds = wait_ready(url, process, timeout=30)
+        print(f"ready after {seconds:.2f} s")
+        assert seconds < 2.0
+        ready = httpx.get(url + "/readyz").json()
+        assert ready["providers"] == ["CPUExecutionProvider"] and ready["warnings"] == []
+    finally:
+        stop_server(process)
+
+
+def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _broken_repository(tmp_path: Path, damage: str) -> Path:
+    target = tmp_path / "repo" / "broken" / "1"
+    shutil.copytree(model_folder(), target)
+    if damage == "onnx_bytes":
+        data = bytearray((target / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (target / "model.onnx").write_bytes(bytes(data))
+    elif damage == "no_onnx":
+        (target / "model.onnx").unlink()
+    elif damage == "card_json":
+        (target / "card.json").write_text("{ not json")
+    elif damage == "card_fields":
+        card = json.loads((target / "card.json").read_text())
+        del card["classes"]
+        (target / "card.json").write_text(json.dumps(card))
+    elif damage == "garbage_onnx_matching_sha":
+        import hashlib
+
+        (target / "model.onnx").write_bytes(b"definitely not onnx")
+        card = json.loads((target / "card.json").read_text())
+        card["onnx"]["sha256"] = hashlib.sha256(b"definitely not onnx").hexdigest()
+        (target / "card.json").write_text(json.dumps(card))
+    return tmp_path / "repo"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("onnx_bytes", "does not match the card"),
+        ("no_onnx", "cannot read model"),
+        ("card_json", "unreadable model card"),
+        ("card_fields", "unreadable model card"),
+        ("garbage_onnx_matching_sha", "onnxruntime cannot load it"),
+    ],
+)
+def test_corrupt_model_exits_nonzero_with_one_line(tmp_path: Path, damage: str, message: str) -> None:
+    result = _run_service("--models", str(_broken_repository(tmp_path, damage)))
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--models", "/nonexistent"], {}, "no model found in /nonexistent"),
+        (["--model", "nope"], {}, "model 'nope' not found"),
+        (["--model-version", "99"], {}, "has no version '99'"),
+        (
+            ["--providers", "cuda", "--strict-providers"],
+            {},
+            "CUDAExecutionProvider requested but not available",
+        ),
+        (["--providers", "quantum"], {}, "unknown execution provider 'quantum'"),
+        ([], {"FASHION_SERVE_PORT": "eighty"}, "invalid setting port"),
+    ],
+)
+def test_bad_settings_exit_nonzero_with_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    defaults = ["--models", str(MODELS)] if "--models" not in args else []
+    result = _run_service(*defaults, *args, env=env)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
