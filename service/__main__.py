@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from typing import Any
 
 from pydantic import ValidationError
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers == 1:
         uvicorn.run(create_app(settings, model=model), **common)
     else:  # each worker process builds its own app and session from the environment
+        # Workers share their Prometheus metrics through files in one folder.
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
         uvicorn.run(
             f"{app_from_env.__module__}:{app_from_env.__name__}",
             factory=True,

@@ -16,6 +16,8 @@ from service import __version__
 from service.api import classify, health, models, v2
 from service.batching import Batcher
 from service.errors import ServiceError
+from service.metrics import Metrics, MetricsMiddleware
+from service.metrics import router as metrics_router
 from service.model import Model, locate
 from service.settings import Settings
 
@@ -36,6 +38,7 @@ def build_model(settings: Settings) -> Model:
 
 def create_app(settings: Settings | None = None, model: Model | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,6 +47,8 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
         if not loaded.ready:
             await run_in_threadpool(loaded.load)
         batcher = Batcher(loaded, settings.batch_max_size, settings.batch_max_delay_ms)
+        batcher.observers.append(metrics.observe_batch)
+        metrics.model_info.labels(loaded.name, loaded.version, ",".join(loaded.providers_in_use)).set(1)
         app.state.batcher = batcher
         await batcher.start()
         try:
@@ -60,6 +65,9 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     )
     app.state.settings = settings
     app.state.model = model
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(metrics_router)
     app.include_router(health.router)
     app.include_router(classify.router)
     app.include_router(models.router)

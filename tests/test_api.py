@@ -299,3 +299,18 @@ def test_openapi_documents_uploads_and_examples(client: TestClient) -> None:
     assert {"400", "413", "415", "422", "503"} <= set(predict["responses"])
     assert "/v1/predict/batch" in schema["paths"] and "/v1/feature-maps" in schema["paths"]
     assert json.dumps(schema).count("examples") > 3
+
+
+def test_metrics_exposition(client: TestClient, test_split) -> None:  # type: ignore[no-untyped-def]
+    data = png_bytes(test_split.images[3])
+    client.post("/v1/predict", files={"file": ("x.png", data)})
+    client.post("/v1/predict", files={"file": ("x.png", b"junk")})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'http_requests_total{method="POST",route="/v1/predict",status="200"}' in text
+    assert 'http_requests_total{method="POST",route="/v1/predict",status="400"}' in text
+    assert "http_request_duration_seconds_bucket" in text and "inference_batch_size_bucket" in text
+    assert "inference_queue_seconds_count" in text and "inference_seconds_count" in text
+    assert "http_requests_in_flight" in text
+    assert 'model_info{name="' in text and 'providers="CPUExecutionProvider"' in text
