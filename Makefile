@@ -7,7 +7,7 @@ SERVE_VENV ?= .venv-serve
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck pytest data bench clean
+.PHONY: serve test lint typecheck pytest data browser bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	fi
 
+# Debian's Chromium for the web page's browser test (never a browser downloaded by a test tool).
+browser:
+	@command -v chromium >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,7 +43,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy service training bench
 
-pytest: $(VENV)/.installed data
+pytest: $(VENV)/.installed data browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import __version__
-from service.api import classify, health, models, v2
+from service.api import classify, health, models, v2, web
 from service.batching import Batcher
 from service.errors import ServiceError
 from service.metrics import Metrics, MetricsMiddleware
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(v2.router)
+    app.include_router(web.router)
     install_error_handlers(app)
     return app
 
