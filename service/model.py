@@ -169,6 +169,13 @@ class Model:
             )
 
         chosen, warnings = resolve_providers(self.providers, ort.get_available_providers(), self.strict_providers)
+        if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels (as PyTorch installs them)
+            # only when asked to; without them the session silently falls back to CPU.
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # the system libraries may still be found; the check below tells
+                log.warning("onnxruntime.preload_dlls failed: %s", exc)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
