@@ -122,3 +122,15 @@ def test_cli_errors_are_one_line_and_nonzero(args: list[str], message: str) -> N
     lines = [line for line in result.stderr.splitlines() if line.strip() and "tensorflow" not in line.lower()]
     assert any(message in line for line in lines), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_latency_reports_each_model(tmp_path: Path) -> None:
+    from training.latency import single_image_latency
+
+    model = architectures.build("mlp")
+    images = to_tensor(load(download=False).test.images[:100])
+    export.export(model, tmp_path / "a" / "model.onnx", images)
+    result = single_image_latency(tmp_path / "a" / "model.onnx", runs=50, warmup=5)
+    assert 0 < result["median_us"] <= result["p99_us"]
+    assert main(["latency", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    assert main(["latency", str(tmp_path / "missing")]) == 1

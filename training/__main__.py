@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_text)
         c.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
         c.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX gz files")
+    lat = sub.add_parser("latency", help="single-image CPU latency (1 thread) of each MODEL_DIR/model.onnx")
+    lat.add_argument("model_dirs", type=Path, nargs="+", metavar="MODEL_DIR")
     return p
 
 
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "latency":
+            return cmd_latency(args.model_dirs)
         if not args.model_dir.is_dir():
             raise FileNotFoundError(f"{args.model_dir}: no such model folder")
         if args.command == "export":
@@ -107,6 +111,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def cmd_latency(folders: list[Path]) -> int:
+    from training.latency import single_image_latency
+
+    rows = []
+    for folder in folders:
+        if not (folder / "model.onnx").is_file():
+            raise FileNotFoundError(f"{folder / 'model.onnx'}: missing")
+        rows.append((str(folder), single_image_latency(folder / "model.onnx")))
+    reference = rows[0][1]["median_us"]
+    width = max(len(name) for name, _ in rows)
+    print(f"{'model':<{width}}  median µs  p99 µs  vs first")
+    for name, r in rows:
+        print(f"{name:<{width}}  {r['median_us']:9.1f}  {r['p99_us']:6.1f}  {r['median_us'] / reference:7.2f}×")
     return 0
 
 
