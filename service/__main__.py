@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -62,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "timeout_graceful_shutdown": 30,
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
+        "access_log": False,  # service.middleware writes structured JSON access logs instead
     }
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a handled signal lets it exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     if settings.workers == 1:
         uvicorn.run(create_app(settings, model=model), **common)
     else:  # each worker process builds its own app and session from the environment

@@ -18,6 +18,7 @@ from service.batching import Batcher
 from service.errors import ServiceError
 from service.metrics import Metrics, MetricsMiddleware
 from service.metrics import router as metrics_router
+from service.middleware import MIDDLEWARE_RESPONSES, configure_access_log, install_middleware
 from service.model import Model, locate
 from service.settings import Settings
 
@@ -62,10 +63,18 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
         description="Classify garment images with an ONNX model: friendly REST (`/v1`) and the Open "
         'Inference Protocol (`/v2`). Every error is JSON: `{"error": "..."}`.',
         lifespan=lifespan,
+        responses=MIDDLEWARE_RESPONSES,
     )
     app.state.settings = settings
     app.state.model = model
     app.state.metrics = metrics
+    install_middleware(
+        app,
+        api_keys=settings.api_key.get_secret_value() if settings.api_key else None,
+        max_in_flight=settings.max_in_flight,
+        request_timeout_s=settings.request_timeout_s or None,
+    )
+    # Added last, so outermost: metrics count the 401/431/503/504 answers of the middleware too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(metrics_router)
     app.include_router(health.router)
@@ -116,3 +125,4 @@ def app_from_env() -> FastAPI:
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_access_log(settings.log_level.upper())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from typing import IO
 
 import numpy as np
 
@@ -19,26 +20,54 @@ def is_array_file(data: bytes, filename: str | None = None) -> bool:
 
 
 def load_array_file(data: bytes, max_rows: int) -> np.ndarray:
-    """A .npy, or a .npz holding exactly one array (or one named `images`/`x`)."""
+    """A .npy, or a .npz holding exactly one array (or one named `images`/`x`).
+
+    Each array's header is checked (shape, dtype, size) before its data is read: np.load would
+    otherwise allocate whatever shape a few hostile bytes claim."""
     try:
         if data.startswith(ZIP_MAGIC):
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                names = archive.files
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
                 key = next((k for k in ("images", "x", "image") if k in names), None)
                 if key is None and len(names) != 1:
-                    raise BadInput(
-                        f".npz holds {len(names)} arrays ({', '.join(names[:5])}); send one, or name it 'images'"
-                    )
-                array = archive[key or names[0]]
+                    listed = ", ".join(names[:5]) or "no .npy members"
+                    raise BadInput(f".npz holds {len(names)} arrays ({listed}); send one, or name it 'images'")
+                member = (key or names[0]) + ".npy"
+                if archive.getinfo(member).file_size > max_rows * 28 * 28 * 8 + 4096:
+                    raise TooLarge(f".npz member {member} is larger than {max_rows} images can be")
+                with archive.open(member) as stream:
+                    array = _read_npy(stream, max_rows)
         elif data.startswith(NPY_MAGIC):
-            array = np.load(io.BytesIO(data), allow_pickle=False)
+            array = _read_npy(io.BytesIO(data), max_rows)
         else:
             raise BadInput("not a .npy or .npz file")
-    except BadInput:
+    except (BadInput, TooLarge):
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise BadInput(f"unreadable array file: {exc}") from None
     return to_model_batch(array, max_rows)
+
+
+def _read_npy(stream: IO[bytes], max_rows: int) -> np.ndarray:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise BadInput(f"unreadable array file: unsupported .npy format version {version}")
+    if dtype.hasobject:
+        raise BadInput("object arrays are not accepted")
+    if len(shape) not in (3, 4) or tuple(shape[1:3]) != (28, 28) or (len(shape) == 4 and shape[3] != 1):
+        raise BadInput(f"array shape {list(shape)} is not [N, 28, 28] or [N, 28, 28, 1]")
+    if shape[0] > max_rows:
+        raise TooLarge(f"array holds {shape[0]} images; the limit is {max_rows}")
+    count = int(np.prod(shape))
+    payload = stream.read(count * dtype.itemsize + 1)
+    if len(payload) != count * dtype.itemsize:
+        raise BadInput(f"array data is {len(payload)} bytes; its header promises {count * dtype.itemsize}")
+    array = np.frombuffer(payload, dtype=dtype, count=count)
+    return array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
 
 
 def to_model_batch(array: np.ndarray, max_rows: int) -> np.ndarray:

@@ -78,7 +78,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = 500
+        status = 499  # no response started: the client went away (nginx's "client closed request")
         self.metrics.in_flight.inc()
 
         async def send_and_record(message: Message) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "FASHION_SERVE_"
@@ -53,6 +53,31 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(25_000_000, ge=1, description="Largest width×height, checked before decoding.")
     max_batch_images: int = Field(256, ge=1, description="Most images (or array rows) in one batch request.")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1, description="Largest request body.")
+
+    api_key: SecretStr | None = Field(
+        None,
+        description="API key, or several comma-separated (rotation). When set, every route except /healthz, "
+        "/readyz, /metrics and /v2/health/* (the web page, /docs and /openapi.json included) needs "
+        "'Authorization: Bearer <key>' or 'X-API-Key: <key>'; else 401. Unset or blank: no key needed.",
+    )
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="Requests handled at once per worker (health and metrics not counted); past it, an "
+        "immediate 503 with Retry-After: 1. Worst-case body memory is this times max_request_bytes.",
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="Longest a request may take, reading its body included; past it the handler is cancelled "
+        "and the client gets 504. 0: no limit.",
+    )
+    shutdown_grace_s: int = Field(
+        30,
+        ge=0,
+        description="On SIGTERM/SIGINT: stop accepting connections, then wait this long for requests in flight "
+        "before cancelling them (503). Keep it above request_timeout_s and below the orchestrator's kill timeout.",
+    )
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -140,13 +140,10 @@ def parse_request(body: bytes, header_length: str | None) -> ParsedRequest:
         if tensor.data is not None:
             raise BadInput(f"{what} has both 'data' and parameters.binary_data_size; send one")
         if header_length is None:
-            raise BadInput(
-                f"{what} has binary_data_size but the request has no Inference-Header-Content-Length"
-            )
+            raise BadInput(f"{what} has binary_data_size but the request has no Inference-Header-Content-Length")
         if size < 0 or offset + size > len(binary):
             raise BadInput(
-                f"{what} declares binary_data_size {size} "
-                f"but {len(binary) - offset} bytes of binary data remain"
+                f"{what} declares binary_data_size {size} but {len(binary) - offset} bytes of binary data remain"
             )
         raw.append(binary[offset : offset + size])
         offset += size
@@ -163,18 +160,14 @@ def decode_input(tensor: RequestInput, raw: bytes | None) -> np.ndarray:
     from binary data), BYTES as an object array of bytes."""
     name, shape, datatype = tensor.name, tensor.shape, tensor.datatype
     if datatype not in DATATYPES:
-        raise BadInput(
-            f"input {name!r}: unknown datatype {datatype!r} (V2 datatypes: {', '.join(sorted(DATATYPES))})"
-        )
+        raise BadInput(f"input {name!r}: unknown datatype {datatype!r} (V2 datatypes: {', '.join(sorted(DATATYPES))})")
     if any(d < 0 for d in shape):
         raise BadInput(f"input {name!r}: shape {shape} has a negative dimension")
     count = prod(shape)
     if datatype == "BYTES":
         elements = _split_bytes(raw, name) if raw is not None else _json_bytes(tensor.data or [], name)
         if len(elements) != count:
-            raise BadInput(
-                f"input {name!r} holds {len(elements)} BYTES elements but shape {shape} needs {count}"
-            )
+            raise BadInput(f"input {name!r} holds {len(elements)} BYTES elements but shape {shape} needs {count}")
         array = np.empty(count, dtype=object)
         array[:] = elements
         return array.reshape(shape)
@@ -202,25 +195,15 @@ def _json_numbers(data: list[Any], dtype: np.dtype[Any], name: str) -> np.ndarra
     try:
         values = np.array(data)
     except ValueError:
-        raise BadInput(
-            f"input {name!r}: data is not a regular nesting of numbers (ragged or too deep)"
-        ) from None
+        raise BadInput(f"input {name!r}: data is not a regular nesting of numbers (ragged or too deep)") from None
     accepted = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
     if values.dtype.kind not in accepted:
-        found = (
-            "booleans"
-            if values.dtype.kind == "b"
-            else "numbers"
-            if values.dtype.kind in "iuf"
-            else "non-numbers"
-        )
+        found = "booleans" if values.dtype.kind == "b" else "numbers" if values.dtype.kind in "iuf" else "non-numbers"
         raise BadInput(f"input {name!r}: data holds {found} that are not valid {datatype_of(dtype)} values")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
-            raise BadInput(
-                f"input {name!r}: data holds values outside {datatype_of(dtype)}'s {info.min}..{info.max}"
-            )
+            raise BadInput(f"input {name!r}: data holds values outside {datatype_of(dtype)}'s {info.min}..{info.max}")
     return values.astype(dtype).ravel()
 
 
@@ -259,8 +242,7 @@ def _split_bytes(raw: bytes, name: str) -> list[bytes]:
         offset += _LENGTH.size
         if offset + length > len(raw):
             raise BadInput(
-                f"input {name!r}: BYTES element {len(out)} declares {length} bytes "
-                f"but {len(raw) - offset} remain"
+                f"input {name!r}: BYTES element {len(out)} declares {length} bytes but {len(raw) - offset} remain"
             )
         out.append(raw[offset : offset + length])
         offset += length

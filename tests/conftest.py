@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,21 +94,32 @@ def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout
 
 
 def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m service` on a free port; its output goes to a temporary file (a pipe nobody reads
+    would fill up and stall the server after a few hundred access-log lines)."""
     port = free_port()
     full_env = {**os.environ, **(env or {})}
     command = [sys.executable, "-m", "service", "--port", str(port), "--models", str(MODELS), *args]
-    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop_server
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    process.log = log  # type: ignore[attr-defined]
     return process, f"http://127.0.0.1:{port}"
 
 
 def stop_server(process: subprocess.Popen[bytes]) -> str:
+    """Stop it and return what it printed."""
     process.terminate()
     try:
-        out, _ = process.communicate(timeout=20)
+        process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         process.kill()
-        out, _ = process.communicate()
-    return out.decode(errors="replace")
+        process.wait()
+    log = getattr(process, "log", None)
+    if log is None:
+        return process.stdout.read().decode(errors="replace") if process.stdout else ""
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.close()
+    return text
 
 
 @pytest.fixture(scope="session")

@@ -88,8 +88,9 @@ def test_ready_within_two_seconds_and_flags_work() -> None:
 def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
+    port = [] if env and "FASHION_SERVE_PORT" in env else ["--port", "0"]
     return subprocess.run(
-        [sys.executable, "-m", "service", "--port", "0", *args],
+        [sys.executable, "-m", "service", *port, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -60,9 +60,7 @@ INFER_BODY = {
                 "schema": {"type": "object"},
                 "example": {
                     "id": "1",
-                    "inputs": [
-                        {"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}
-                    ],
+                    "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}],
                     "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
                 },
             },
@@ -80,9 +78,7 @@ def _model(request: Request, name: str, version: str | None = None) -> Model:
     if name != model.name:
         raise NotFound(f"unknown model {name!r}; serving {model.name!r}")
     if version is not None and version != model.version:
-        raise NotFound(
-            f"model {name!r} has no version {version!r} being served; serving version {model.version!r}"
-        )
+        raise NotFound(f"model {name!r} has no version {version!r} being served; serving version {model.version!r}")
     return model
 
 
@@ -227,8 +223,7 @@ def _prepare(
     what = f"input {expected!r}"
     if tensor.datatype not in ("FP32", "UINT8", "BYTES"):
         raise BadInput(
-            f"{what} has datatype {tensor.datatype!r}; "
-            "send FP32 values in [0, 1], UINT8 pixels, or BYTES image files"
+            f"{what} has datatype {tensor.datatype!r}; send FP32 values in [0, 1], UINT8 pixels, or BYTES image files"
         )
 
     pixels = list(model.card.input["shape"][1:])  # [28, 28, 1]
