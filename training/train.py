@@ -28,7 +28,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 1
     augment: bool = True
-    max_shift_px: int = 2
+    max_shift_px: int = 1  # 2 px: validation 93.0%, 1 px: 93.8% (same recipe, keras on the lent GPU)
     horizontal_flip: bool = True
     validation_size: int = 5_000
     train_limit: int | None = None  # use only the first N training images (tests, quick runs)
