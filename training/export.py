@@ -98,5 +98,6 @@ def export(model: keras.Model, target: Path, parity_images: np.ndarray) -> Parit
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model.", suffix=".onnx")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a server running as another user could not read it
     os.replace(tmp, target)
     return parity
