@@ -591,7 +591,7 @@ CORPUS: list[Case] = [
     array("npy-bool", lambda: np.zeros((1, 28, 28), bool), 400),
     array("npy-17-rows", lambda: np.zeros((17, 28, 28), np.uint8), 413),
     raw("npy-truncated", lambda: npy(np.zeros((4, 28, 28), np.uint8))[:-100], 400, "application/x-npy", path=BATCH),
-    raw("npy-claims-1e6-rows", lambda: npy_claiming((1_000_000, 28, 28)), 400, "application/x-npy", path=BATCH),
+    raw("npy-claims-1e6-rows", lambda: npy_claiming((1_000_000, 28, 28)), 413, "application/x-npy", path=BATCH),
     raw("npy-claims-73-TiB", lambda: npy_claiming((10**13,), "<f8"), 400, "application/x-npy", path=BATCH),
     raw("npz-two-arrays", lambda: npz(a=np.zeros((1, 28, 28), np.uint8), b=np.zeros(3)), 400, "application/x-npz", path=BATCH),  # noqa: E501
     raw("zip-of-text", zip_of_text, 400, "application/x-npz", path=BATCH),
