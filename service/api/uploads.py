@@ -1,15 +1,24 @@
-"""Reading request bodies under the size limits: raw bodies and multipart uploads."""
+"""Reading request bodies under the size limits: raw bodies and multipart uploads.
+
+Multipart bodies are read into memory (they are bounded by the request limit anyway) and split
+with bytes.find: no temporary files, no per-byte callbacks. Starlette's form parser spooled every
+upload into a SpooledTemporaryFile and cost more per request than decoding a 28×28 PNG.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from python_multipart.multipart import parse_options_header
 
 from service.errors import BadInput, TooLarge, UnsupportedMedia
 
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+# Text fields and headers a client may send besides its files; more than this is refused.
+EXTRA_PARTS = 16
+MAX_PART_HEADERS = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -17,6 +26,14 @@ class Upload:
     filename: str | None
     data: bytes
     content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    filename: str | None  # None: a text field, not a file
+    content_type: str | None
+    data: bytes
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -39,24 +56,110 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise TooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _decode(value: bytes) -> str:
+    # As Starlette does: UTF-8 (what browsers send), else Latin-1, which never fails.
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
+    """Split a multipart/form-data body (RFC 7578) into its parts, in order."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadInput("multipart body without a boundary in its Content-Type")
+    delimiter = b"--" + boundary
+    separator = b"\r\n" + delimiter
+    position = body.find(delimiter)  # anything before the first delimiter is a preamble
+    if position < 0:
+        raise BadInput("malformed multipart body: boundary not found")
+    position += len(delimiter)
+    parts: list[Part] = []
+    while not body.startswith(b"--", position):  # "--" after a delimiter closes the body
+        line_end = body.find(b"\r\n", position)
+        if line_end < 0:
+            raise BadInput("malformed multipart body: truncated after a boundary")
+        headers_start = line_end + 2
+        if body.startswith(b"\r\n", headers_start):  # a part without headers
+            headers_end = headers_start
+        else:
+            headers_end = body.find(b"\r\n\r\n", headers_start, headers_start + MAX_PART_HEADERS)
+            if headers_end < 0:
+                raise BadInput("malformed multipart body: part headers not terminated")
+        data_start = headers_end + 4 if headers_end > headers_start else headers_start + 2
+        data_end = body.find(separator, data_start)
+        if data_end < 0:
+            raise BadInput("malformed multipart body: part not terminated by the boundary")
+        if len(parts) >= max_parts:
+            raise TooLarge(f"more than {max_parts} parts in one multipart body")
+        parts.append(_part(body[headers_start:headers_end], body[data_start:data_end]))
+        position = data_end + len(separator)
+    return parts
+
+
+# The part headers every common client (browsers, curl, requests, httpx) sends, matched in one go: a
+# third of the general parser's cost, 2% of a 256-image request. Any other form goes through the
+# general parser below, which gives the same result for these.
+_CANONICAL_PART = re.compile(
+    rb'content-disposition: form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?(?:\r\ncontent-type: ([^\r\n]*))?',
+    re.IGNORECASE,
+)
+
+
+def _part(head: bytes, data: bytes) -> Part:
+    canonical = _CANONICAL_PART.fullmatch(head) if head.isascii() else None
+    if canonical is not None:
+        name, filename, content_type = canonical.groups()
+        return Part(
+            name.decode(),
+            None if filename is None else filename.decode(),
+            None if content_type is None else content_type.strip().decode(),
+            data,
+        )
+    return _general_part(head, data)
+
+
+def _general_part(head: bytes, data: bytes) -> Part:
+    disposition: bytes | None = None
+    content_type: str | None = None
+    for line in head.split(b"\r\n") if head else ():
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadInput("malformed multipart body: bad part header")
+        name = name.strip().lower()
+        if name == b"content-disposition":
+            disposition = value.strip()
+        elif name == b"content-type":
+            content_type = value.strip().decode("latin-1")
+    kind, options = parse_options_header(disposition)
+    if kind != b"form-data" or b"name" not in options:
+        raise BadInput("malformed multipart body: a part without Content-Disposition: form-data; name=...")
+    filename = options.get(b"filename")
+    return Part(_decode(options[b"name"]), None if filename is None else _decode(filename), content_type, data)
 
 
 async def read_files(request: Request, field: str, limit: int, max_files: int, per_file_limit: int) -> list[Upload]:
     """All files in multipart field `field`."""
-    _check_declared_length(request, limit)
-    form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
+    body = await read_body(request, limit)
+    parts = parse_multipart(body, request.headers.get("content-type", ""), max_files + EXTRA_PARTS)
     uploads = []
-    for item in form.getlist(field):
-        if not isinstance(item, UploadFile):
+    for part in parts:
+        if part.name != field:
+            continue
+        if part.filename is None:
             raise BadInput(f"multipart field {field!r} must be a file, not a text value")
-        if item.size is not None and item.size > per_file_limit:
-            raise TooLarge(f"{item.filename or field}: {item.size} bytes; the limit is {per_file_limit}")
-        uploads.append(Upload(item.filename, await item.read(), item.content_type))
+        if len(part.data) > per_file_limit:
+            raise TooLarge(f"{part.filename or field}: {len(part.data)} bytes; the limit is {per_file_limit}")
+        uploads.append(Upload(part.filename, part.data, part.content_type))
     if len(uploads) > max_files:
         raise TooLarge(f"{len(uploads)} files in one request; the limit is {max_files}")
     if not uploads:
-        present = ", ".join(sorted(set(form.keys()))) or "none"
+        present = ", ".join(sorted({p.name for p in parts})) or "none"
         raise BadInput(f"multipart field {field!r} is missing (fields sent: {present})")
     return uploads
 

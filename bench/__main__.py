@@ -1,0 +1,470 @@
+"""python -m bench: every benchmark in one go, with figures and ratios against the targets.
+
+1. the in-process limit: PIL decoding + onnxruntime on core 0, one at a time and 256 at a time;
+2. the plain FastAPI wrapper (bench/reference.py) on core 0, /v1/predict at concurrency 32;
+3. the service (`python -m service`, 1 worker, 1 thread) on core 0: time to ready, /v1/predict at
+   concurrency 32, /v1/predict/batch with 256 PNGs per request, RSS after the load;
+4. unpinned, the way it ships: workers × onnxruntime threads × batcher settings, on both cores.
+The load generator (bench/loadgen.py) runs on core 1 for 1-3, unpinned for 4. Servers are started
+and stopped here; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CORE, CLIENT_CORE = "0", "1"
+TARGET_RPS_RATIO = 2.0
+TARGET_P99_MS = 20.0
+TARGET_BATCH_RATIO = 0.7
+TARGET_READY_S = 1.0
+TARGET_RSS_MB = 150.0
+
+
+@dataclass
+class Options:
+    python: str
+    models: Path
+    model: str | None
+    seconds: float
+    warmup: float
+    concurrency: int
+    batch_concurrency: int
+    matrix: list[tuple[int, int, int, float]]  # workers, intra-op threads, batch max size, batch max delay ms
+    env: dict[str, str]
+    patches: str
+    expected: list[int]  # class ids of the first test images, to check answers against
+
+
+def pinned(core: str | None, command: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *command] if core is not None else command
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0) -> float:
+    """Seconds from now until GET /readyz answers 200 (polled every 10 ms)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=1.0) as response:
+                if response.status == 200:
+                    return time.perf_counter() - start
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and its descendants (uvicorn's workers)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 256:  # bounded walk
+        current = todo.pop()
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        found.append(current)
+        todo.extend(int(c) for c in children)
+    return found
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    total = 0
+    for current in process_tree(pid):
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:
+            continue
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total / 1024
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children, all threads."""
+    ticks = 0
+    for current in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+    ready_s: float
+
+
+@contextmanager
+def serve(command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            try:
+                wait_ready(url, process)
+            except (RuntimeError, TimeoutError):
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+                raise
+            yield Server(url, process, time.perf_counter() - start)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def expected_classes(onnx: Path, count: int = 8) -> list[int]:
+    """What onnxruntime says about the first test images, in-process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench import data
+    from bench.inprocess import decode
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    batch = np.stack([decode(png) for png in data.pngs()[:count]])[..., None]
+    return [int(i) for i in session.run(["probabilities"], {"image": batch})[0].argmax(axis=1)]
+
+
+def check_answers(url: str, want: list[int], batch: bool) -> None:
+    """A few requests before timing anything: a fast wrong answer is no result."""
+    import http.client
+
+    from bench import data
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    content_type = {"Content-Type": f"multipart/form-data; boundary={data.BOUNDARY}"}
+    try:
+        got = []
+        for i, png in enumerate(data.pngs()[: len(want)]):
+            connection.request("POST", "/v1/predict", data.multipart("file", [(f"{i}.png", png)]), content_type)
+            got.append(json.loads(connection.getresponse().read())["class_id"])
+        if batch:
+            files = [(f"{i}.png", png) for i, png in enumerate(data.pngs()[: len(want)])]
+            connection.request("POST", "/v1/predict/batch", data.multipart("files", files), content_type)
+            results = json.loads(connection.getresponse().read())["results"]
+            got += [r["class_id"] for r in results]
+    finally:
+        connection.close()
+    expected = want + want if batch else want
+    if got != expected:
+        raise SystemExit(f"{url} answers {got}, onnxruntime in-process says {expected}")
+
+
+def service_command(opts: Options, port: int, core: str | None) -> tuple[list[str], dict[str, str]]:
+    module = "bench.patched" if opts.patches else "service"
+    command = [opts.python, "-m", module, "--port", str(port), "--models", str(opts.models)]
+    if opts.model:
+        command += ["--model", opts.model]
+    env = dict(opts.env)
+    if opts.patches:
+        env["BENCH_PATCHES"] = opts.patches
+    return pinned(core, command), env
+
+
+def run_load(
+    opts: Options, server: Server, kind: str, concurrency: int, core: str | None, seconds: float | None = None
+) -> dict[str, Any]:
+    """One load run; adds the server's CPU time per request, which contention on a shared machine
+    disturbs far less than requests/s."""
+    url = server.url
+    command = [opts.python, "-m", "bench.loadgen", "--url", url, "--kind", kind]
+    command += ["--concurrency", str(concurrency), "--seconds", str(seconds or opts.seconds)]
+    command += ["--warmup", str(opts.warmup)]
+    limit = (seconds or opts.seconds) + opts.warmup + 60
+    cpu = tree_cpu_seconds(server.process.pid)
+    out = subprocess.run(pinned(core, command), cwd=ROOT, capture_output=True, check=True, timeout=limit)
+    cpu = tree_cpu_seconds(server.process.pid) - cpu
+    result: dict[str, Any] = json.loads(out.stdout)
+    result["server_cpu_ms_per_request"] = 1000 * cpu / max(1, result["completed"])
+    return result
+
+
+def in_process(opts: Options, onnx: Path) -> dict[str, Any]:
+    command = pinned(SERVER_CORE, [opts.python, "-m", "bench.inprocess", "--model", str(onnx), "--seconds", "3"])
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, check=True, timeout=120)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def reference(opts: Options, onnx: Path) -> dict[str, Any]:
+    port = free_port()
+    command = pinned(SERVER_CORE, [opts.python, "-m", "bench.reference", "--model", str(onnx), "--port", str(port)])
+    with serve(command, {}, port) as server:
+        check_answers(server.url, opts.expected, batch=False)
+        return run_load(opts, server, "single", opts.concurrency, CLIENT_CORE)
+
+
+def service_pinned(opts: Options) -> dict[str, Any]:
+    port = free_port()
+    command, env = service_command(opts, port, SERVER_CORE)
+    env = {"FASHION_SERVE_WORKERS": "1", "FASHION_SERVE_INTRA_OP_THREADS": "1", **env}
+    with serve(command, env, port) as server:
+        check_answers(server.url, opts.expected, batch=True)
+        single = run_load(opts, server, "single", opts.concurrency, CLIENT_CORE)
+        batch = run_load(opts, server, "batch", opts.batch_concurrency, CLIENT_CORE)
+        rss = tree_rss_mb(server.process.pid)
+        return {"ready_s": server.ready_s, "single": single, "batch": batch, "rss_mb": rss}
+
+
+def matrix(opts: Options) -> list[dict[str, Any]]:
+    rows = []
+    for workers, threads, size, delay in opts.matrix:
+        port = free_port()
+        command, env = service_command(opts, port, None)
+        env = {
+            "FASHION_SERVE_WORKERS": str(workers),
+            "FASHION_SERVE_INTRA_OP_THREADS": str(threads),
+            "FASHION_SERVE_BATCH_MAX_SIZE": str(size),
+            "FASHION_SERVE_BATCH_MAX_DELAY_MS": str(delay),
+            **env,
+        }
+        with serve(command, env, port) as server:
+            check_answers(server.url, opts.expected, batch=False)
+            single = run_load(opts, server, "single", opts.concurrency, None)
+            rows.append(
+                {"workers": workers, "threads": threads, "batch_max_size": size, "batch_max_delay_ms": delay}
+                | {"ready_s": server.ready_s, "single": single, "rss_mb": tree_rss_mb(server.process.pid)}
+            )
+    return rows
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def cpu_name() -> str:
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+        return line.split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def check(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
+def latency(result: dict[str, Any]) -> str:
+    return "/".join(f"{result[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"machine: {results['cores']} cores, {results['cpu']}; load average before {results['load_before']}, "
+        f"after {results['load_after']}; model {results['model']}",
+        "",
+        "| measurement | figure | target | ratio | met |",
+        "|---|---|---|---|---|",
+    ]
+    limit = results.get("in_process")
+    if limit:
+        lines += [
+            f"| in-process PIL + onnxruntime, one at a time (core 0) | {limit['single_images_per_s']:,.0f} images/s"
+            " | | | |",
+            f"| in-process PIL + onnxruntime, batches of 256 (core 0) | {limit['batched_images_per_s']:,.0f} images/s"
+            " | | | |",
+        ]
+    ref = results.get("reference")
+    if ref:
+        lines.append(
+            f"| plain wrapper /v1/predict, c={ref['concurrency']} (core 0) | {ref['rps']:,.0f} req/s, "
+            f"p50/p90/p99/max {latency(ref)} ms, {ref['errors']} errors, "
+            f"{ref['server_cpu_ms_per_request']:.2f} CPU ms/request | | | |"
+        )
+    svc = results.get("service")
+    if svc:
+        single, batch = svc["single"], svc["batch"]
+        ratio = single["rps"] / ref["rps"] if ref else float("nan")
+        lines.append(
+            f"| service /v1/predict, c={single['concurrency']} (core 0) | {single['rps']:,.0f} req/s, "
+            f"p50/p90/p99/max {latency(single)} ms, {single['server_cpu_ms_per_request']:.2f} CPU ms/request | "
+            f"≥ {TARGET_RPS_RATIO:.0f}× plain | {ratio:.2f}× | "
+            f"{check(ratio >= TARGET_RPS_RATIO)} |"
+        )
+        if ref:
+            cpu_ratio = ref["server_cpu_ms_per_request"] / single["server_cpu_ms_per_request"]
+            lines.append(
+                f"| server CPU time per request (what contention disturbs least) | plain "
+                f"{ref['server_cpu_ms_per_request']:.2f} ms, service {single['server_cpu_ms_per_request']:.2f} ms | "
+                f"| {cpu_ratio:.2f}× | |"
+            )
+        lines.append(
+            f"| service /v1/predict p99 | {single['p99_ms']:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | | "
+            f"{check(single['p99_ms'] <= TARGET_P99_MS)} |"
+        )
+        errors = single["errors"] + batch["errors"]
+        lines.append(f"| service errors | {errors} | 0 | | {check(errors == 0)} |")
+        batch_ratio = batch["images_per_s"] / limit["batched_images_per_s"] if limit else float("nan")
+        lines.append(
+            f"| service /v1/predict/batch, 256 PNGs, c={batch['concurrency']} (core 0) | "
+            f"{batch['images_per_s']:,.0f} images/s, p50/p99 {batch['p50_ms']:.0f}/{batch['p99_ms']:.0f} ms, "
+            f"{batch['server_cpu_ms_per_request']:.0f} CPU ms/request | "
+            f"≥ {TARGET_BATCH_RATIO:.0%} of in-process batched | {batch_ratio:.0%} | "
+            f"{check(batch_ratio >= TARGET_BATCH_RATIO)} |"
+        )
+        lines.append(
+            f"| ready after start | {svc['ready_s']:.2f} s | ≤ {TARGET_READY_S:.0f} s | | "
+            f"{check(svc['ready_s'] <= TARGET_READY_S)} |"
+        )
+        lines.append(
+            f"| RSS after the load | {svc['rss_mb']:.0f} MB | ≤ {TARGET_RSS_MB:.0f} MB | | "
+            f"{check(svc['rss_mb'] <= TARGET_RSS_MB)} |"
+        )
+    rows = results.get("matrix")
+    if rows:
+        lines += [
+            "",
+            "Unpinned (server and load generator share both cores), /v1/predict, "
+            f"c={rows[0]['single']['concurrency']}:",
+            "",
+            "| workers × threads | batch size / delay | req/s | p50/p90/p99/max ms | errors | ready s | RSS MB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        best = max(rows, key=lambda r: r["single"]["rps"] if r["single"]["errors"] == 0 else 0)
+        for r in rows:
+            mark = " **best**" if r is best else ""
+            lines.append(
+                f"| {r['workers']} × {r['threads']}{mark} | {r['batch_max_size']} / {r['batch_max_delay_ms']:g} ms | "
+                f"{r['single']['rps']:,.0f} | {latency(r['single'])} | {r['single']['errors']} | "
+                f"{r['ready_s']:.2f} | {r['rss_mb']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_matrix(text: str) -> list[tuple[int, int, int, float]]:
+    """ "1x1x64x0,2x1x64x0" → workers, threads, batch max size, batch max delay ms."""
+    rows = []
+    for item in text.split(","):
+        workers, threads, size, delay = item.strip().split("x")
+        rows.append((int(workers), int(threads), int(size), float(delay)))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=ROOT / "models", help="model repository")
+    parser.add_argument("--model", help="model name (default: the only one)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for servers and load generator")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load run")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each load run")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections for /v1/predict")
+    parser.add_argument("--batch-concurrency", type=int, default=2, help="connections for /v1/predict/batch")
+    parser.add_argument(
+        "--matrix",
+        default="1x1x32x0,1x2x32x0,2x1x32x0,2x2x32x0,2x1x16x0,2x1x32x1",
+        help="unpinned settings to compare: workers x threads x batch-max-size x batch-max-delay-ms, comma-separated",
+    )
+    parser.add_argument("--only", choices=["limit", "reference", "service", "matrix"], action="append")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)")
+    parser.add_argument("--patches", default="", help="bench/patched.py patches to apply to the service")
+    parser.add_argument("--repeat", type=int, default=1, help="pinned runs to alternate; the median is reported")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
+    args = parser.parse_args(argv)
+
+    from service.errors import ModelLoadError
+    from service.model import locate
+
+    try:
+        folder = locate(args.models, args.model, None)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    opts = Options(
+        python=args.python,
+        models=args.models,
+        model=args.model,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        concurrency=args.concurrency,
+        batch_concurrency=args.batch_concurrency,
+        matrix=parse_matrix(args.matrix) if args.matrix else [],
+        env=dict(item.split("=", 1) for item in args.env),
+        patches=args.patches,
+        expected=expected_classes(folder / "model.onnx"),
+    )
+    steps = set(args.only or ["limit", "reference", "service", "matrix"])
+    onnx = folder / "model.onnx"
+    results: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "cpu": cpu_name(),
+        "model": f"{folder.parent.name}/{folder.name}",
+        "load_before": load_average(),
+        "settings": {"env": opts.env, "patches": opts.patches},
+    }
+    print(f"benchmarking {results['model']} on {results['cores']} cores; load average {results['load_before']}")
+    # On a shared machine one run can be unlucky: with --repeat, the pinned measurements alternate
+    # and the report takes each one's median run (every run is in the --json file).
+    runs: dict[str, list[dict[str, Any]]] = {"in_process": [], "reference": [], "service": []}
+    for attempt in range(args.repeat):
+        suffix = f" ({attempt + 1}/{args.repeat})" if args.repeat > 1 else ""
+        if "limit" in steps:
+            print(f"in-process limit{suffix} …", flush=True)
+            runs["in_process"].append(in_process(opts, onnx))
+        if "reference" in steps:
+            print(f"plain wrapper{suffix} …", flush=True)
+            runs["reference"].append(reference(opts, onnx))
+        if "service" in steps:
+            print(f"service, pinned{suffix} …", flush=True)
+            runs["service"].append(service_pinned(opts))
+    medians = {
+        "in_process": lambda r: r["batched_images_per_s"],
+        "reference": lambda r: r["rps"],
+        "service": lambda r: r["single"]["rps"],
+    }
+    for step, found in runs.items():
+        if found:
+            results[step] = sorted(found, key=medians[step])[len(found) // 2]
+            results[f"{step}_runs"] = found
+    if "matrix" in steps and opts.matrix:
+        print("service, unpinned settings …", flush=True)
+        results["matrix"] = matrix(opts)
+    results["load_after"] = load_average()
+    print()
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
