@@ -314,3 +314,22 @@ def test_metrics_exposition(client: TestClient, test_split) -> None:  # type: ig
     assert "inference_queue_seconds_count" in text and "inference_seconds_count" in text
     assert "http_requests_in_flight" in text
     assert 'model_info{name="' in text and 'providers="CPUExecutionProvider"' in text
+
+
+def test_a_thousand_pngs_single_and_batch_equal_onnxruntime(client: TestClient, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
+    images = test_split.images[:1000]
+    want = reference_probabilities(reference_session, images)
+    pngs = [png_bytes(p) for p in images]
+    single = np.array(
+        [
+            client.post("/v1/predict", content=d, headers={"content-type": "image/png"}).json()["probabilities"]
+            for d in pngs
+        ],
+        np.float32,
+    )
+    np.testing.assert_array_equal(single, want)
+    batched = []
+    for start in range(0, 1000, 250):
+        files = [("files", (f"{i}.png", pngs[i], "image/png")) for i in range(start, start + 250)]
+        batched += [r["probabilities"] for r in client.post("/v1/predict/batch", files=files).json()["results"]]
+    np.testing.assert_array_equal(np.array(batched, np.float32), single)
