@@ -85,6 +85,17 @@ async def _rounds(
     return best
 
 
+async def measure_reference(models: Path, rounds: int) -> dict[str, float]:
+    """The plain wrapper (bench/reference.py), single images only: it has no batch route."""
+    from bench import reference
+    from service.model import locate
+
+    os.environ["BENCH_MODEL"] = str(locate(models, None, None) / "model.onnx")
+    singles = [data.multipart("file", [(f"{i}.png", png)]) for i, png in enumerate(data.pngs())]
+    await _rounds(reference.app, "/v1/predict", singles, 32, 64, 1)
+    return {"single_cpu_us_per_request": await _rounds(reference.app, "/v1/predict", singles, 32, 640, rounds) * 1e6}
+
+
 async def measure(models: Path, rounds: int) -> dict[str, float]:
     from service.app import create_app
     from service.settings import Settings
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--patches", default="", help="bench/patched.py patches, comma-separated")
+    parser.add_argument("--reference", action="store_true", help="measure the plain wrapper instead")
     args = parser.parse_args(argv)
     from bench import patched
 
@@ -131,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        result = runner.run(measure(args.models, args.rounds))
-    json.dump({"patches": args.patches, **result}, sys.stdout)
+        result = runner.run((measure_reference if args.reference else measure)(args.models, args.rounds))
+    json.dump({"app": "reference" if args.reference else "service", "patches": args.patches, **result}, sys.stdout)
     print()
     return 0
 
