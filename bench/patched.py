@@ -12,7 +12,7 @@ Proposed changes (files owned by others):
     classify_first     the /v1 classify routes matched before the others (the order of app.include_router)
     no_middleware      none of the app's own middleware (metrics, access log, limits): what they cost together
 Ablations (undo one of the performance changes, to measure it):
-    fastapi_handler    FastAPI's own request handler instead of classify.DirectRoute's direct one
+    fastapi_handler    FastAPI's router and handler instead of classify.DirectPath
     pydantic_response  the response model validates and serialises the body (implies fastapi_handler)
     stdlib_json        json.dumps instead of orjson
     thread_decode      every image decoded in the thread pool, small PNGs too
@@ -124,7 +124,7 @@ def _ablate(names: set[str]) -> None:
     from service.api import classify, uploads
 
     if names & {"fastapi_handler", "pydantic_response"}:
-        # DirectRoute falls back to FastAPI's handler while the app has any dependency override.
+        # DirectPath hands over to FastAPI's router while the app has any dependency override.
         _wrap_create_app(lambda app: app.dependency_overrides.__setitem__(_unused, _unused))
     if "pydantic_response" in names:
         classify.json_response = lambda body: body  # type: ignore[assignment, return-value]
@@ -187,7 +187,7 @@ def _classify_first(app: Any) -> None:
 
 
 def _unused() -> None:
-    """A dependency no route uses: overriding it switches DirectRoute to FastAPI's handler."""
+    """A dependency no route uses: overriding it switches DirectPath off."""
 
 
 async def _starlette_read_files(

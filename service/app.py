@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     app.state.settings = settings
     app.state.model = model
     app.state.metrics = metrics
+    app.add_middleware(classify.DirectPath, service=app)  # added first, so innermost
     install_middleware(
         app,
         api_keys=settings.api_key.get_secret_value() if settings.api_key else None,

@@ -12,6 +12,7 @@ Nothing here knows about HTTP or the model; failures are raised as the classes i
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -36,9 +37,10 @@ RESAMPLE = Image.Resampling.LANCZOS
 JPEG_DRAFT_EDGE = 448
 # Pillow names a phone's JPEG with extra pictures (a depth map, a preview) "MPO"; its first is a JPEG.
 _ALIASES = {"MPO": "JPEG"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Signatures of the usual formats, to tell "a corrupt PNG" from "not an image at all".
 _MAGIC = (
-    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("PNG", PNG_SIGNATURE),
     ("JPEG", b"\xff\xd8\xff"),
     ("GIF", b"GIF87a"),
     ("GIF", b"GIF89a"),
@@ -58,6 +60,11 @@ class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 25_000_000  # width*height, checked from the header BEFORE decoding pixels
     formats: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+
+    @property
+    def allowed(self) -> str:
+        """The formats as error messages list them."""
+        return ", ".join(sorted(self.formats))
 
 
 def preprocess(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
@@ -212,23 +219,29 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def _reject_documents(data: bytes, limits: ImageLimits) -> None:
     """415 for the non-raster uploads people try most, which Pillow cannot (or should not) open."""
+    if data.startswith(PNG_SIGNATURE):  # the usual upload: none of the below
+        return
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    allowed = ", ".join(sorted(limits.formats))
     if head.startswith(b"%pdf"):
-        raise UnsupportedMedia(f"PDF documents are not accepted; send an image ({allowed})")
+        raise UnsupportedMedia(f"PDF documents are not accepted; send an image ({limits.allowed})")
     if head.startswith(b"%!ps"):
-        raise UnsupportedMedia(f"PostScript/EPS files are not accepted; send an image ({allowed})")
+        raise UnsupportedMedia(f"PostScript/EPS files are not accepted; send an image ({limits.allowed})")
     if head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) or b"<svg" in head:
-        raise UnsupportedMedia(f"SVG (vector) images are not accepted; send a raster image ({allowed})")
+        raise UnsupportedMedia(f"SVG (vector) images are not accepted; send a raster image ({limits.allowed})")
     if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
-        raise UnsupportedMedia(f"HEIC/AVIF images are not accepted; send one of {allowed}")
+        raise UnsupportedMedia(f"HEIC/AVIF images are not accepted; send one of {limits.allowed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _pillow_formats(formats: frozenset[str]) -> list[str]:
+    """The order Pillow tries them in: PNG and JPEG, the usual uploads, first."""
+    return sorted(formats, key=lambda name: (name not in ("PNG", "JPEG"), name))
 
 
 def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     """Image.open reads only the header: format and size are known before any pixel is decoded."""
-    allowed = ", ".join(sorted(limits.formats))
     try:
-        image = Image.open(io.BytesIO(data), formats=sorted(limits.formats))
+        image = Image.open(io.BytesIO(data), formats=_pillow_formats(limits.formats))
     except Image.DecompressionBombError:
         raise TooLarge(
             f"image header claims a size over {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels "
@@ -241,7 +254,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     else:
         if _ALIASES.get(image.format or "", image.format) in limits.formats:
             return image
-        raise UnsupportedMedia(f"{image.format} images are not accepted; send one of {allowed}")
+        raise UnsupportedMedia(f"{image.format} images are not accepted; send one of {limits.allowed}")
 
     claimed = next((fmt for fmt, magic in _MAGIC if data.startswith(magic, _MAGIC_AT.get(fmt, 0))), None)
     if claimed in limits.formats:
@@ -253,8 +266,8 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except Image.DecompressionBombError:
         name = "this image format is"
     except Exception:
-        raise BadInput(f"data is not a recognised image; send one of {allowed}") from None
-    raise UnsupportedMedia(f"{name} not accepted; send one of {allowed}")
+        raise BadInput(f"data is not a recognised image; send one of {limits.allowed}") from None
+    raise UnsupportedMedia(f"{name} not accepted; send one of {limits.allowed}")
 
 
 def _to_gray(image: Image.Image) -> Image.Image:

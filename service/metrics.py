@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -72,6 +73,10 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The labelled children, looked up once per (method, route, status): labels() takes a lock
+        # and validates its arguments on every call. Routes are templates, so this stays small.
+        self.counters: dict[tuple[str, str, int], Any] = {}
+        self.timers: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,10 +96,17 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_and_record)
         finally:
             self.metrics.in_flight.dec()
-            route = _route(scope)
-            method = scope["method"]
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            route, method = _route(scope), scope["method"]
+            counter = self.counters.get((method, route, status))
+            if counter is None:
+                counter = self.metrics.requests.labels(method, route, str(status))
+                self.counters[method, route, status] = counter
+            timer = self.timers.get((method, route))
+            if timer is None:
+                timer = self.timers[method, route] = self.metrics.latency.labels(method, route)
+            counter.inc()
+            timer.observe(seconds)
 
 
 def _route(scope: Scope) -> str:

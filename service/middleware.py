@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import logging
+import math
+import os
 import sys
 import time
-import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import parse_qsl
 
@@ -95,6 +96,21 @@ def clean_request_id(value: bytes | None) -> str | None:
     return text
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+def _timestamp(seconds: float) -> str:
+    """ISO 8601 in UTC to the millisecond, as datetime's isoformat(timespec="milliseconds") writes it;
+    the part up to the second is formatted once per second."""
+    whole = math.floor(seconds)
+    micros = round((seconds - whole) * 1e6)  # rounded to the microsecond first, as datetime does
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    return f"{_second(whole)}.{micros // 1000:03d}+00:00"
+
+
 def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -126,7 +142,8 @@ class AccessLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = clean_request_id(_header(scope, b"x-request-id")) or uuid.uuid4().hex
+        # 32 random hex digits, as uuid4().hex gives, for a fifth of its cost.
+        request_id = clean_request_id(_header(scope, b"x-request-id")) or os.urandom(16).hex()
         scope.setdefault("state", {})["request_id"] = request_id
         arrived, start = time.time(), time.perf_counter()
         status: int | None = None
@@ -161,9 +178,10 @@ class AccessLogMiddleware:
             raise
         finally:
             if self.logger.isEnabledFor(logging.INFO):
-                self.logger.info(
-                    self._line(scope, request_id, arrived, status, time.perf_counter() - start, bytes_in, bytes_out)
-                )
+                line = self._line(scope, request_id, arrived, status, time.perf_counter() - start, bytes_in, bytes_out)
+                # makeRecord + handle is logger.info without the walk up the stack for the caller's
+                # file and line, which an access log never shows: the dearest part of logging a line.
+                self.logger.handle(self.logger.makeRecord(self.logger.name, logging.INFO, "", 0, line, (), None))
 
     @staticmethod
     def _line(
@@ -172,7 +190,7 @@ class AccessLogMiddleware:
         client = scope.get("client")
         agent = _header(scope, b"user-agent")
         record = {
-            "ts": datetime.fromtimestamp(arrived, UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(arrived),
             "request_id": request_id,
             "method": scope.get("method"),
             "path": _shorten(scope.get("path", ""), MAX_LOGGED_PATH),

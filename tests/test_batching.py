@@ -386,10 +386,10 @@ def test_concurrent_http_requests_share_session_runs(test_split, reference_sessi
 # ---- the request path in front of the batcher ----------------------------------------------------
 
 
-def test_direct_route_answers_exactly_as_fastapis_own_handler(test_split, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """classify.DirectRoute serves /v1/predict and /v1/predict/batch without FastAPI's dependency and
-    parameter machinery; with a dependency override present FastAPI's own handler serves. Both must
-    give the same bytes, errors included."""
+def test_direct_path_answers_exactly_as_fastapis_own_handler(test_split, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """classify.DirectPath serves /v1/predict and /v1/predict/batch straight from ASGI, without the
+    router or FastAPI's dependency and parameter machinery; with a dependency override present FastAPI's
+    own handler serves. Both must give the same bytes, errors included."""
     from fastapi.testclient import TestClient
 
     from service.api import classify

@@ -1090,3 +1090,15 @@ def test_access_log_line_fields() -> None:
     }
     assert line["request_id"] == "unit-1" and line["status"] == 200 and line["bytes_out"] == 2
     assert line["query"] == "token=" + "t" * 64 + "…&n=1"
+
+
+def test_access_log_timestamp_is_datetimes_isoformat() -> None:
+    """The access log formats its timestamps itself (cheaper); they must read as datetime writes them,
+    rounding and carries into the next second included."""
+    from datetime import UTC, datetime
+
+    rng = random.Random(5)
+    moments = [0.0, 0.9995, 0.9999996, 59.9999999, 1_700_000_000.4555, 4_102_444_799.9999997]
+    moments += [rng.uniform(0, 4e9) for _ in range(20_000)] + [round(rng.uniform(0, 4e9), 3) for _ in range(20_000)]
+    for moment in moments:
+        assert middleware._timestamp(moment) == datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")
