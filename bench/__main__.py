@@ -230,7 +230,7 @@ def reference(opts: Options, onnx: Path) -> dict[str, Any]:
     command = pinned(SERVER_CORE, [opts.python, "-m", "bench.reference", "--model", str(onnx), "--port", str(port)])
     with serve(command, {}, port) as server:
         check_answers(server.url, opts.expected, batch=False)
-        return run_load(opts, server, "single", opts.concurrency, CLIENT_CORE)
+        return run_load(opts, server, "single", opts.concurrency, CLIENT_CORE) | {"ready_s": server.ready_s}
 
 
 def service_pinned(opts: Options) -> dict[str, Any]:
@@ -358,9 +358,12 @@ def report(results: dict[str, Any]) -> str:
             f"≥ {TARGET_BATCH_RATIO:.0%} of in-process batched | {batch_ratio:.0%} | "
             f"{check(batch_ratio >= TARGET_BATCH_RATIO)} |"
         )
+        # The plain wrapper imports the same FastAPI, pydantic and onnxruntime: its time to ready is the
+        # floor those imports set on this machine.
+        plain_ready = f"; plain wrapper {ref['ready_s']:.2f} s" if ref and "ready_s" in ref else ""
         lines.append(
-            f"| ready after start | {svc['ready_s']:.2f} s | ≤ {TARGET_READY_S:.0f} s | | "
-            f"{check(svc['ready_s'] <= TARGET_READY_S)} |"
+            f"| ready after start (process start to /readyz 200) | service {svc['ready_s']:.2f} s{plain_ready} | "
+            f"≤ {TARGET_READY_S:.0f} s | | {check(svc['ready_s'] <= TARGET_READY_S)} |"
         )
         lines.append(
             f"| RSS after the load | {svc['rss_mb']:.0f} MB | ≤ {TARGET_RSS_MB:.0f} MB | | "

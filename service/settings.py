@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     )
 
     batch_max_size: int = Field(
-        64, ge=1, le=1024, description="Most images gathered from concurrent requests into one session run."
+        32, ge=1, le=1024, description="Most images gathered from concurrent requests into one session run."
     )
     batch_max_delay_ms: float = Field(
         0.0,
