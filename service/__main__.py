@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.errors import ModelLoadError
-from service.settings import ENV_PREFIX, Settings
+from service.settings import ENV_PREFIX, Settings, worker_count
 
 FLAGS = {
     "host": "interface to listen on",
@@ -21,7 +22,7 @@ FLAGS = {
     "model": "model name to serve",
     "model_version": "model version to serve (default: highest)",
     "providers": "execution providers in order, e.g. cuda,cpu (default: auto)",
-    "workers": "uvicorn worker processes",
+    "workers": "uvicorn worker processes (0: one per usable core)",
     "intra_op_threads": "onnxruntime intra-op threads",
     "log_level": "log level",
 }
@@ -68,15 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a handled signal lets it exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    if settings.workers == 1:
+    workers = worker_count(settings)
+    if workers == 1:
         uvicorn.run(create_app(settings, model=model), **common)
     else:  # each worker process builds its own app and session from the environment
+        del model  # checked; this process only supervises, and keeps no session of its own
+        gc.collect()
         # Workers share their Prometheus metrics through files in one folder.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
         uvicorn.run(
             f"{app_from_env.__module__}:{app_from_env.__name__}",
             factory=True,
-            workers=settings.workers,
+            workers=workers,
             **common,
         )
     return 0

@@ -97,7 +97,8 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subproc
     """`python -m service` on a free port; its output goes to a temporary file (a pipe nobody reads
     would fill up and stall the server after a few hundred access-log lines)."""
     port = free_port()
-    full_env = {**os.environ, **(env or {})}
+    # One worker unless a test asks for more: tests count requests, in-flight slots and log lines per process.
+    full_env = {**os.environ, "FASHION_SERVE_WORKERS": "1", **(env or {})}
     command = [sys.executable, "-m", "service", "--port", str(port), "--models", str(MODELS), *args]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop_server
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)

@@ -159,6 +159,7 @@ def start_server(folder: Path, **settings: object) -> Server:
         "FASHION_SERVE_MODELS": str(MODELS),
         "FASHION_SERVE_PROVIDERS": "cpu",
         "FASHION_SERVE_LOG_LEVEL": "info",
+        "FASHION_SERVE_WORKERS": "1",  # in-flight limits and access-log lines are per process
     }
     if "TEST_MODELS" not in os.environ:
         env["FASHION_SERVE_MODEL"] = MODEL_NAME

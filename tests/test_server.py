@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +64,7 @@ def test_serves_where_tensorflow_cannot_be_imported(test_split) -> None:  # type
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "FASHION_SERVE_WORKERS": "1"},  # spawned workers would not inherit the block
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,8 +89,6 @@ def test_ready_within_two_seconds_and_flags_work() -> None:
 
 
 def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
     port = [] if env and "FASHION_SERVE_PORT" in env else ["--port", "0"]
     return subprocess.run(
         [sys.executable, "-m", "service", *port, *args],
@@ -95,8 +96,49 @@ def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "FASHION_SERVE_WORKERS": "1", **(env or {})},
     )
+
+
+def test_default_workers_are_one_per_usable_core(tmp_path: Path) -> None:
+    from service.settings import Settings, usable_cores, worker_count
+
+    affinity = len(os.sched_getaffinity(0))
+    assert worker_count(Settings(workers=0)) == usable_cores() >= 1
+    assert worker_count(Settings(workers=3)) == 3
+    cpu_max = tmp_path / "cpu.max"
+    assert usable_cores(cpu_max) == affinity  # no cgroup file: the affinity mask
+    cpu_max.write_text("max 100000\n")
+    assert usable_cores(cpu_max) == affinity
+    cpu_max.write_text("150000 100000\n")  # docker --cpus 1.5
+    assert usable_cores(cpu_max) == min(affinity, 2)
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cores(cpu_max) == 1
+
+
+def test_two_workers_serve_and_share_their_metrics(test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
+    """The shipped default on two cores: a supervisor and two worker processes, each with its own session;
+    /metrics adds up every worker's counts, whichever worker answers the scrape; SIGTERM stops all, exit 0."""
+    process, url = start_server("--workers", "2", "--providers", "cpu")
+    images = test_split.images[:40]
+    want = reference_probabilities(reference_session, images)
+    try:
+        wait_ready(url, process, timeout=60)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(workers) == 2, children  # (the other child is multiprocessing's resource tracker)
+        for pixels, expected in zip(images, want, strict=True):
+            # A new connection per request, so the kernel hands them to both workers.
+            with httpx.Client(base_url=url, timeout=10) as http:
+                body = http.post("/v1/predict", files={"file": ("x.png", png_bytes(pixels), "image/png")}).json()
+            assert body["probabilities"] == expected.tolist()
+        for _ in range(4):  # whichever worker answers, the totals are the same
+            text = httpx.get(url + "/metrics", timeout=10).text
+            counts = re.findall(r'http_requests_total\{method="POST",route="/v1/predict",status="200"\} (\S+)', text)
+            assert [float(c) for c in counts] == [40.0], counts
+    finally:
+        stop_server(process)
+    assert process.returncode == 0
 
 
 def _broken_repository(tmp_path: Path, damage: str) -> Path:
