@@ -49,7 +49,7 @@ pytest: $(VENV)/.installed data browser
 test: lint typecheck pytest
 
 bench: $(SERVE_VENV)/.installed $(VENV)/.installed
-	$(VENV)/bin/python -m bench
+	$(VENV)/bin/python -m bench --repeat 3
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache .ruff_cache
