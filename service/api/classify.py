@@ -42,15 +42,16 @@ class DirectPath:
         self.app = app
         self.service = service
         self.handlers: dict[str, Handler] = {"/v1/predict": _predict_direct, "/v1/predict/batch": _predict_batch_direct}
-        self.routes: dict[str, BaseRoute] = {}
+        # The router's own route objects (the module is fully imported by the time an app is built).
+        self.routes: dict[str, BaseRoute] = {
+            r.path: r for r in router.routes if isinstance(r, APIRoute) and r.path in self.handlers
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = self.handlers.get(scope["path"]) if scope["type"] == "http" else None
         if handler is None or scope["method"] != "POST" or self.service.dependency_overrides:
             await self.app(scope, receive, send)
             return
-        if not self.routes:  # the router's own route objects, defined below this class
-            self.routes = {r.path: r for r in router.routes if isinstance(r, APIRoute) and r.path in self.handlers}
         scope["route"] = self.routes[scope["path"]]  # as the router would set it: metrics label by route
         request = Request(scope, receive)
         try:
