@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
+import weakref
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
+from service.app import GC_YOUNG_THRESHOLD, create_app
 from service.model import Model
 from tests.conftest import make_settings, model_folder, png_bytes, reference_probabilities
 
@@ -147,6 +149,30 @@ def test_not_ready_answers_503_with_error_shape() -> None:
             response = getattr(c, method)(path)
             assert response.status_code == 503
             assert "not ready" in response.json()["error"]
+
+
+class _Node:
+    me: object = None
+
+
+def test_lifespan_freezes_startup_objects_and_restores_the_collector(test_split) -> None:  # type: ignore[no-untyped-def]
+    before = gc.get_threshold()
+    gc.unfreeze()  # another app in this process (the session client) may be running with its own freeze
+    with TestClient(create_app(make_settings())) as c:
+        serving = gc.get_threshold()
+        frozen = gc.get_freeze_count()
+        assert serving[0] == max(before[0], GC_YOUNG_THRESHOLD) and serving[1:] == before[1:]
+        assert frozen > 10_000  # modules, app, model: everything alive at startup
+        # Objects made while serving are still collected: a reference cycle dies with gc.collect().
+        node = _Node()
+        node.me = node
+        alive = weakref.ref(node)
+        del node
+        gc.collect()
+        assert alive() is None
+        assert c.post("/v1/predict", files={"file": ("x.png", png_bytes(test_split.images[0]))}).status_code == 200
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 def _noise_png(side: int) -> bytes:
