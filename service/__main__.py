@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import signal
 import sys
@@ -13,7 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.errors import ModelLoadError
-from service.settings import ENV_PREFIX, Settings, worker_count
+from service.settings import ENV_PREFIX, LOG_FORMAT, Settings, worker_count
+
+# What each worker process imports and calls to build its app (uvicorn's factory form).
+APP_FACTORY = "service.app:app_from_env"
 
 FLAGS = {
     "host": "interface to listen on",
@@ -50,9 +54,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from service.app import app_from_env, build_model, configure_logging, create_app
+    from service.model import build_model
 
-    configure_logging(settings)
+    workers = worker_count(settings)
+    if workers == 1:
+        from service.app import configure_logging, create_app
+
+        configure_logging(settings)
+    else:
+        # The supervisor only checks the model and watches the workers: it never imports the web app
+        # (FastAPI, the routes: half a second), which each worker builds for itself.
+        logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
     try:
         # Fail fast with a one-line reason before serving: locate, verify and load once.
         model = build_model(settings)
@@ -69,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a handled signal lets it exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    workers = worker_count(settings)
     if workers == 1:
         uvicorn.run(create_app(settings, model=model), **common)
     else:  # each worker process builds its own app and session from the environment
@@ -77,12 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         # Workers share their Prometheus metrics through files in one folder.
         os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="fashion-serve-metrics-"))
-        uvicorn.run(
-            f"{app_from_env.__module__}:{app_from_env.__name__}",
-            factory=True,
-            workers=workers,
-            **common,
-        )
+        uvicorn.run(APP_FACTORY, factory=True, workers=workers, **common)
     return 0
 
 

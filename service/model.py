@@ -11,12 +11,15 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from service.errors import ModelLoadError, NotFound
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 log = logging.getLogger("service.model")
 
@@ -236,3 +239,15 @@ class Model:
             "parameters": self.card.raw.get("parameters"),
             "created": self.card.raw.get("created"),
         }
+
+
+def build_model(settings: Settings) -> Model:
+    """Locate and read the model the settings name (not yet loaded); raises ModelLoadError with a one-line
+    reason."""
+    return Model(
+        locate(settings.models, settings.model, settings.model_version),
+        providers=settings.providers,
+        strict_providers=settings.strict_providers,
+        intra_op_threads=settings.intra_op_threads,
+        graph_optimization=settings.graph_optimization,
+    )

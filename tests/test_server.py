@@ -141,6 +141,39 @@ def test_two_workers_serve_and_share_their_metrics(test_split, reference_session
     assert process.returncode == 0
 
 
+SUPERVISOR_PROBE = """
+import json, sys
+import uvicorn
+def record(app, **options):  # instead of serving: what the supervisor would have started, and had imported
+    print(json.dumps({"app": app, "workers": options.get("workers"), "fastapi": "fastapi" in sys.modules}))
+uvicorn.run = record
+from service.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_supervisor_checks_the_model_without_importing_the_web_app(tmp_path: Path) -> None:
+    """With several workers the supervisor process loads the model once (to fail fast) but never imports
+    FastAPI or the routes: each worker builds its own app, from the factory uvicorn is given."""
+    from uvicorn.importer import import_from_string
+
+    from service.__main__ import APP_FACTORY
+    from service.app import app_from_env
+
+    assert import_from_string(APP_FACTORY) is app_from_env
+    run = [sys.executable, "-c", SUPERVISOR_PROBE, "--port", "0", "--workers", "2"]
+    folder = model_folder()
+    served = ["--models", str(folder.parent.parent), "--model", folder.parent.name]
+    result = subprocess.run([*run, *served], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == {"app": APP_FACTORY, "workers": 2, "fastapi": False}
+    # And a model that does not load still stops it before any worker starts: exit 1, one line.
+    broken = _broken_repository(tmp_path, "onnx_bytes")
+    result = subprocess.run([*run, "--models", str(broken)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "does not match the card" in result.stderr, result.stderr
+    assert result.stdout == "" and result.stderr.strip().count("\n") == 0
+
+
 def _broken_repository(tmp_path: Path, damage: str) -> Path:
     target = tmp_path / "repo" / "broken" / "1"
     shutil.copytree(model_folder(), target)
