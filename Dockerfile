@@ -82,6 +82,10 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY service/ /app/service/
+# Bytecode compiled now, as pip did for the dependencies: the container never writes any
+# (PYTHONDONTWRITEBYTECODE, and /app is not the app user's), so without it every start compiles the
+# service's modules from source again, ~0.1 s of the time to ready.
+RUN /opt/venv/bin/python -m compileall -q /app/service
 # The committed model, baked in; mount a folder on /models (or point FASHION_SERVE_MODELS
 # elsewhere) to serve other models without rebuilding.
 COPY models/ /models/

@@ -267,6 +267,21 @@ def test_image_has_no_tensorflow_tests_or_compilers(ready: Deployment) -> None:
     assert ready.exec("test", "-f", "/models/fashion-mnist-cnn/1/model.onnx").returncode == 0
 
 
+def test_modules_load_from_compiled_bytecode(ready: Deployment) -> None:
+    """Every Python module the server needs has its bytecode in the image: a start never compiles."""
+    probe = (
+        "import importlib.util, sys, service.app\n"
+        "for name, module in list(sys.modules.items()):\n"
+        "    origin = getattr(module, '__file__', None) or ''\n"
+        "    if origin.endswith('.py'):\n"
+        "        cached = importlib.util.cache_from_source(origin)\n"
+        "        import os\n"
+        "        if not os.path.exists(cached): print(name)\n"
+    )
+    result = ready.exec("python", "-c", probe, check=True)
+    assert result.stdout.split() == [], f"modules without bytecode in the image: {result.stdout.split()}"
+
+
 def test_predictions_match_in_process_onnxruntime(ready: Deployment) -> None:
     import httpx
     import onnxruntime as ort
