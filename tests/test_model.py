@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.errors import ModelLoadError, NotFound
-from service.model import Model, locate, resolve_providers, versions
+from service.model import Model, graph_with_outputs, locate, resolve_providers, versions
 from tests.conftest import make_settings, model_folder
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -93,6 +94,59 @@ def test_run_outputs_and_unknown_output() -> None:
     assert model.feature_layers and all(result[n].ndim == 4 for n in model.feature_layers)
     with pytest.raises(NotFound, match="unknown output 'conv99'"):
         model.run(np.zeros((1, 28, 28, 1), np.float32), ["conv99"])
+
+
+def test_graph_with_outputs_edits_only_the_output_list() -> None:
+    import onnx  # training's dependency, not the service's: the edit itself works on the wire format
+
+    data = (model_folder() / "model.onnx").read_bytes()
+    assert graph_with_outputs(data, [o.name for o in onnx.load_from_string(data).graph.output]) == data
+    expected = onnx.load_from_string(data)
+    kept = [o for o in expected.graph.output if o.name == "probabilities"]
+    del expected.graph.output[:]
+    expected.graph.output.extend(kept)
+    lean = graph_with_outputs(data, ["probabilities"])
+    assert lean == expected.SerializeToString()  # byte for byte what onnx itself writes
+    onnx.checker.check_model(onnx.load_from_string(lean))
+    for cut in (len(data) // 2, len(data) - 1, 3):
+        with pytest.raises(ValueError, match="truncated"):
+            graph_with_outputs(data[:cut], ["probabilities"])
+
+
+def test_probabilities_run_on_the_lean_graph_with_identical_results(test_split) -> None:  # type: ignore[no-untyped-def]
+    model = Model(model_folder(), providers=["cpu"])
+    model.load()
+    assert model.lean_session is not None and model.session is not None
+    assert [o.name for o in model.lean_session.get_outputs()] == ["probabilities"]
+    calls: list[str] = []
+
+    def counted(label: str, run: Any) -> Any:
+        def wrapper(*args: Any) -> Any:
+            calls.append(label)
+            return run(*args)
+
+        return wrapper
+
+    model.session.run = counted("full", model.session.run)  # type: ignore[method-assign]
+    model.lean_session.run = counted("lean", model.lean_session.run)  # type: ignore[method-assign]
+    x = (test_split.images[:1000].astype(np.float32) / 255.0)[..., None]
+    lean = model.run(x, ["probabilities"])["probabilities"]
+    both = model.run(x, ["probabilities", "conv1"])
+    everything = model.run(x[:8])
+    assert calls == ["lean", "full", "full"]
+    assert np.array_equal(lean, both["probabilities"])  # the same numbers, bit for bit
+    assert np.array_equal(lean[:8], everything["probabilities"])
+
+
+def test_without_a_lean_graph_every_run_uses_the_full_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(data: bytes, keep: object) -> bytes:
+        raise ValueError("unsupported protobuf wire type 6")
+
+    monkeypatch.setattr("service.model.graph_with_outputs", broken)
+    model = Model(model_folder(), providers=["cpu"])
+    model.load()
+    assert model.ready and model.lean_session is None
+    assert model.run(np.zeros((2, 28, 28, 1), np.float32), ["probabilities"])["probabilities"].shape == (2, 10)
 
 
 def test_latest_version_is_served_unless_told_otherwise(tmp_path: Path) -> None:
