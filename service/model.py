@@ -1,7 +1,7 @@
-"""The model: reads a repository version, verifies it, owns the onnxruntime session.
+"""The model: reads a repository version, verifies it, owns the onnxruntime sessions.
 
-It never sees HTTP. `load()` builds the session and answers one warm-up inference before
-`ready` turns true."""
+It never sees HTTP. `load()` builds the session (and a leaner one for runs that want only the
+probabilities) and answers one warm-up inference before `ready` turns true."""
 
 from __future__ import annotations
 
