@@ -289,7 +289,9 @@ class Model:
         self.provider_warnings = warnings
         for message in warnings:
             log.warning(message)
-        self.run(np.zeros((1, 28, 28, 1), np.float32))  # warm-up: ready means it has answered once
+        # Warm-up, both sessions: ready means each has answered once (a first run allocates its buffers).
+        self.run(np.zeros((1, 28, 28, 1), np.float32))
+        self.run(np.zeros((1, 28, 28, 1), np.float32), self.lean_outputs or None)
         self.ready = True
         log.info("model %s version %s ready on %s", self.name, self.version, ", ".join(actual))
 
