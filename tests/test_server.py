@@ -116,6 +116,27 @@ def test_default_workers_are_one_per_usable_core(tmp_path: Path) -> None:
     assert usable_cores(cpu_max) == 1
 
 
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    monkeypatch.setenv("FASHION_SERVE_PORT", "9001")
+    monkeypatch.setenv("fashion_serve_workers", "3")  # names in any case, as pydantic-settings read them
+    monkeypatch.setenv("FASHION_SERVE_PROVIDERS", "CUDA, cpu")  # comma-separated, not JSON
+    monkeypatch.setenv("FASHION_SERVE_API_KEY", "k1,k2")
+    monkeypatch.setenv("FASHION_SERVE_NO_SUCH_SETTING", "x")  # ignored, as before
+    settings = Settings(port=9002)
+    assert settings.port == 9002  # arguments over the environment
+    assert settings.workers == 3 and settings.providers == ["cuda", "cpu"]
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k1,k2"
+    assert Settings().port == 9001
+    monkeypatch.setenv("FASHION_SERVE_BATCH_MAX_SIZE", "0")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert caught.value.errors()[0]["loc"] == ("batch_max_size",)
+
+
 def test_two_workers_serve_and_share_their_metrics(test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
     """The shipped default on two cores: a supervisor and two worker processes, each with its own session;
     /metrics adds up every worker's counts, whichever worker answers the scrape; SIGTERM stops all, exit 0."""
