@@ -1,10 +1,11 @@
 """The model: reads a repository version, verifies it, owns the onnxruntime sessions.
 
 It never sees HTTP. `load()` builds the session (and a leaner one for runs that want only the
-probabilities) and answers one warm-up inference before `ready` turns true."""
+probabilities); each answers one warm-up inference before `ready` turns true."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -236,8 +237,8 @@ class Model:
     def feature_layers(self) -> list[str]:
         return [o["name"] for o in self.card.outputs if o.get("kind") == "feature_map"]
 
-    @property
-    def lean_outputs(self) -> list[str]:
+    @functools.cached_property
+    def lean_outputs(self) -> list[str]:  # asked on every run: computed once
         return [o["name"] for o in self.card.outputs if o.get("kind") == "probabilities"]
 
     @property
@@ -289,9 +290,10 @@ class Model:
         self.provider_warnings = warnings
         for message in warnings:
             log.warning(message)
-        # Warm-up, both sessions: ready means each has answered once (a first run allocates its buffers).
+        # Warm-up, each session: ready means it has answered once (a first run allocates its buffers).
         self.run(np.zeros((1, 28, 28, 1), np.float32))
-        self.run(np.zeros((1, 28, 28, 1), np.float32), self.lean_outputs or None)
+        if self.lean_session is not None:
+            self.run(np.zeros((1, 28, 28, 1), np.float32), self.lean_outputs)
         self.ready = True
         log.info("model %s version %s ready on %s", self.name, self.version, ", ".join(actual))
 
