@@ -14,7 +14,7 @@ Proposed changes (files owned by others):
 Ablations (undo one of the performance changes, to measure it):
     fastapi_handler    FastAPI's router and handler instead of classify.DirectPath
     pydantic_response  the response model validates and serialises the body (implies fastapi_handler)
-    stdlib_json        json.dumps instead of orjson
+    stdlib_json        json.dumps instead of orjson (response bodies and access log lines)
     thread_decode      every image decoded in the thread pool, small PNGs too
     starlette_form     Starlette's form parser (SpooledTemporaryFile per upload) instead of ours
     general_parts      every multipart part through the general header parser (no canonical-form fast path)
@@ -129,7 +129,15 @@ def _ablate(names: set[str]) -> None:
     if "pydantic_response" in names:
         classify.json_response = lambda body: body  # type: ignore[assignment, return-value]
     if "stdlib_json" in names:
+        from service import middleware
+
+        class NoOrjson:
+            @staticmethod
+            def dumps(value: Any) -> bytes:
+                raise TypeError("stdlib_json")  # the access log's fallback: json.dumps
+
         classify.dumps = lambda body: json.dumps(body, separators=(",", ":")).encode()
+        middleware.orjson = NoOrjson  # type: ignore[assignment]
     if "thread_decode" in names:
         classify.decodes_inline = lambda data: False
     if "general_parts" in names:

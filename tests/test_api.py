@@ -37,6 +37,18 @@ def test_predict_multipart_matches_onnxruntime(client: TestClient, test_split, r
         assert probs == sorted(probs, reverse=True)
 
 
+def test_response_json_keeps_every_float32_value_exactly() -> None:
+    """orjson writes the bodies; whatever its float notation (1e-5 where Python writes 1e-05), every
+    value must read back as the float32 the model gave, the extremes of a softmax included."""
+    from service.api.classify import dumps
+
+    extremes = np.array([0.0, 1.0, 1e-45, 1.17549435e-38, 3.4028235e38, 1 / 3, 0.1, 1e-5, 0.99999994], np.float32)
+    values = np.concatenate((extremes, np.random.default_rng(0).random(10_000, np.float32) ** 40))
+    body = {"probabilities": values.tolist(), "label": "T-shirt/top", "note": "naïve"}
+    assert json.loads(dumps(body)) == body
+    assert json.loads(dumps(body)) == json.loads(json.dumps(body))
+
+
 def test_predict_raw_body_and_top_k(client: TestClient, test_split) -> None:  # type: ignore[no-untyped-def]
     data = png_bytes(test_split.images[0])
     response = client.post("/v1/predict?top_k=10", content=data, headers={"content-type": "image/png"})

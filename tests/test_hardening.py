@@ -1093,6 +1093,18 @@ def test_access_log_line_fields() -> None:
     assert line["query"] == "token=" + "t" * 64 + "…&n=1"
 
 
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/prédire/日本", "/bad/\udcff", "/ctl/\x00\x1b\n"])
+def test_access_log_lines_are_ascii_json_whatever_the_path(path: str) -> None:
+    """orjson writes the usual line; non-ASCII and strings orjson refuses (lone surrogates, which a
+    server may hand over for undecodable bytes) go through json, escaped: every line one ASCII JSON object."""
+    scope = {"method": "POST", "path": path, "query_string": b"k=v", "client": ("10.0.0.1", 5), "headers": []}
+    line = middleware.AccessLogMiddleware._line(scope, "id-1", 1_700_000_000.5, 200, 0.0123, 10, 20)
+    assert line.isascii() and "\n" not in line  # one line, however the path is made
+    record = json.loads(line)
+    assert record["path"] == path and record["status"] == 200 and record["duration_ms"] == 12.3
+    assert record["query"] == "k=v" and record["client"] == "10.0.0.1" and record["user_agent"] is None
+
+
 def test_access_log_timestamp_is_datetimes_isoformat() -> None:
     """The access log formats its timestamps itself (cheaper); they must read as datetime writes them,
     rounding and carries into the next second included."""
