@@ -11,7 +11,6 @@ cannot hold an image file (not valid UTF-8), so base64 it is; raw bytes go as bi
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from math import prod
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from service.errors import BadInput, TooLarge, UnsupportedMedia
@@ -332,7 +332,7 @@ def encode_response(
     if request_id is not None:
         body["id"] = request_id
     body["outputs"] = outputs
-    header = json.dumps(body, separators=(",", ":")).encode()
+    header = orjson.dumps(body)  # 10-20x json.dumps on float lists; the same values (tests)
     if not blobs:
         return header, None
     return header + b"".join(blobs), len(header)
