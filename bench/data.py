@@ -51,9 +51,14 @@ def post(path: str, body: bytes, content_type: str = f"multipart/form-data; boun
     return head.encode() + body
 
 
+def single_bodies(count: int = 200) -> list[bytes]:
+    """One multipart body per image (field `file`), without the HTTP head."""
+    return [multipart("file", [(f"{i}.png", data)]) for i, data in enumerate(pngs(count))]
+
+
 def single_requests(path: str = "/v1/predict", count: int = 200) -> list[bytes]:
     """One request per image, one image each (multipart field `file`)."""
-    return [post(path, multipart("file", [(f"{i}.png", data)])) for i, data in enumerate(pngs(count))]
+    return [post(path, body) for body in single_bodies(count)]
 
 
 def batch_requests(path: str = "/v1/predict/batch", size: int = 256, count: int = 200) -> list[bytes]:

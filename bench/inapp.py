@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data
+from bench.loadgen import loop_factory
 
 Message = dict[str, Any]
 
@@ -91,7 +92,7 @@ async def measure_reference(models: Path, rounds: int) -> dict[str, float]:
     from service.model import locate
 
     os.environ["BENCH_MODEL"] = str(locate(models, None, None) / "model.onnx")
-    singles = [data.multipart("file", [(f"{i}.png", png)]) for i, png in enumerate(data.pngs())]
+    singles = data.single_bodies()
     await _rounds(reference.app, "/v1/predict", singles, 32, 64, 1)
     return {"single_cpu_us_per_request": await _rounds(reference.app, "/v1/predict", singles, 32, 640, rounds) * 1e6}
 
@@ -102,7 +103,7 @@ async def measure(models: Path, rounds: int) -> dict[str, float]:
 
     _access_log_to_devnull()
     app = create_app(Settings(models=models, providers=["cpu"]))
-    singles = [data.multipart("file", [(f"{i}.png", png)]) for i, png in enumerate(data.pngs())]
+    singles = data.single_bodies()
     batches = [request.split(b"\r\n\r\n", 1)[1] for request in data.batch_requests()]
     async with app.router.lifespan_context(app):
         await _rounds(app, "/v1/predict", singles, 32, 64, 1)  # warm-up
@@ -136,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench import patched
 
     patched.apply({p for p in args.patches.split(",") if p})
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         result = runner.run((measure_reference if args.reference else measure)(args.models, args.rounds))
     json.dump({"app": "reference" if args.reference else "service", "patches": args.patches, **result}, sys.stdout)
     print()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import data
 from bench.inapp import _access_log_to_devnull, _request
+from bench.loadgen import loop_factory
 
 
 async def run(models: Path, requests: int, concurrency: int) -> None:
@@ -32,7 +33,7 @@ async def run(models: Path, requests: int, concurrency: int) -> None:
 
     _access_log_to_devnull()
     app = create_app(Settings(models=models, providers=["cpu"]))
-    singles = [data.multipart("file", [(f"{i}.png", png)]) for i, png in enumerate(data.pngs())]
+    singles = data.single_bodies()
 
     async def round_of(start: int) -> None:
         bodies = [singles[(start + k) % len(singles)] for k in range(concurrency)]
@@ -57,13 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         runner.run(run(args.models, args.requests, args.concurrency))
     return 0
 

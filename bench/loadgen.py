@@ -173,7 +173,7 @@ def build(kind: str, path: str | None, batch_size: int) -> tuple[list[bytes], in
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed: the client must stay far cheaper per request than the server it measures."""
     try:
         import uvloop
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args(argv)
     requests, images = build(args.kind, args.path, args.batch_size)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         result = runner.run(load(args.url, requests, images, args.concurrency, args.seconds, args.warmup))
     json.dump(result, sys.stdout)
     print()
