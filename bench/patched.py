@@ -16,6 +16,7 @@ Ablations (undo one of the performance changes, to measure it):
     pydantic_response  the response model validates and serialises the body (implies fastapi_handler)
     stdlib_json        json.dumps instead of orjson (response bodies and access log lines)
     thread_decode      every image decoded in the thread pool, small PNGs too
+    pillow_png         every PNG opened by Image.open (no plain-PNG fast path in service.imaging)
     starlette_form     Starlette's form parser (SpooledTemporaryFile per upload) instead of ours
     general_parts      every multipart part through the general header parser (no canonical-form fast path)
     anyio_batcher      the batcher's session runs through anyio's shared thread pool, not its own executor
@@ -53,6 +54,7 @@ ABLATIONS = {
     "pydantic_response",
     "stdlib_json",
     "thread_decode",
+    "pillow_png",
     "starlette_form",
     "general_parts",
     "anyio_batcher",
@@ -140,6 +142,10 @@ def _ablate(names: set[str]) -> None:
         middleware.orjson = NoOrjson  # type: ignore[assignment]
     if "thread_decode" in names:
         classify.decodes_inline = lambda data: False
+    if "pillow_png" in names:
+        from service import imaging
+
+        imaging._plain_png = lambda data, limits: None
     if "general_parts" in names:
         uploads._part = uploads._general_part
     if "starlette_form" in names:

@@ -15,6 +15,8 @@ import contextlib
 import functools
 import io
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +52,12 @@ _MAGIC = (
     ("WEBP", b"WEBP"),
 )
 _MAGIC_AT = {"WEBP": 8}  # after "RIFF" and the length
+# 8-bit PNG colour types -> Pillow mode (also the decoder's raw mode), for the fast path (_plain_png).
+_PLAIN_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
+# Chunks that change nothing Pillow decodes or this module reads, with their lengths (Pillow refuses some
+# when short). Any other one (PLTE, tRNS, eXIf, text that may carry EXIF or XMP orientation, APNG frames,
+# unknown chunks) sends the file down the full path.
+_INERT_PNG_CHUNKS = {b"pHYs": 9, b"sRGB": 1, b"gAMA": 4, b"cHRM": 32, b"tIME": 7}
 # Pillow's plugins raise a zoo of exception types on malformed input (OSError, ValueError,
 # SyntaxError, struct.error, EOFError, IndexError, ...), so the few lines that run Pillow on
 # untrusted bytes catch Exception: every one of them means "bad image".
@@ -78,6 +86,8 @@ def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
         raise BadInput("empty upload: no image data received")
     if len(data) > limits.max_bytes:
         raise TooLarge(f"image file is {len(data):,} bytes; the limit is {limits.max_bytes:,} bytes")
+    if (plain := _plain_png(data, limits)) is not None:
+        return _to_gray(plain)  # no orientation to apply: _plain_png takes no file that could carry one
     _reject_documents(data, limits)
     image = _open(data, limits)
     width, height = image.size
@@ -230,6 +240,50 @@ def _reject_documents(data: bytes, limits: ImageLimits) -> None:
         raise UnsupportedMedia(f"SVG (vector) images are not accepted; send a raster image ({limits.allowed})")
     if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
         raise UnsupportedMedia(f"HEIC/AVIF images are not accepted; send one of {limits.allowed}")
+
+
+def _plain_png(data: bytes, limits: ImageLimits) -> Image.Image | None:
+    """The usual upload, an 8-bit PNG with nothing in it but pixels, decoded by Pillow's own PNG decoder
+    directly; None for anything else, which the full path (Image.open) decodes or rejects.
+
+    Same C decoder, same pixels as Image.open + load (tested against it, corrupted files included),
+    without the Python around them (chunk objects, the generic loader, the EXIF lookup): two thirds of
+    the decoding time of a 28x28 upload. Whatever Pillow would read differently or refuse (a bad
+    checksum, a short chunk, a truncated file) returns None, so rare files and errors keep the full
+    path's behaviour and messages.
+    """
+    if "PNG" not in limits.formats or not data.startswith(PNG_SIGNATURE) or data[8:16] != b"\0\0\0\x0dIHDR":
+        return None
+    idat: list[bytes] = []
+    pos, idat_ended = 8, False
+    while True:
+        if pos + 12 > len(data):
+            return None  # truncated, or no IEND
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return None
+        if kind == b"IDAT":
+            if idat_ended:
+                return None  # Pillow stops reading pixels at the first chunk after them
+            idat.append(data[pos + 8 : end])  # checked by zlib, not by chunk checksums (as Pillow does)
+        elif kind == b"IEND":
+            break
+        else:
+            idat_ended = bool(idat)
+            expected = 13 if kind == b"IHDR" and pos == 8 else _INERT_PNG_CHUNKS.get(kind)
+            if length != expected or zlib.crc32(data[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+                return None
+        pos = end + 4
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    mode = _PLAIN_PNG_MODES.get(colour)
+    pixel_limit = min(limits.max_pixels, Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    if mode is None or depth != 8 or compression or filtering or interlace or not 0 < width * height <= pixel_limit:
+        return None
+    try:
+        return Image.frombytes(mode, (width, height), b"".join(idat), "zip", mode)
+    except Exception:  # corrupt or short pixel data: the full path says what is wrong
+        return None
 
 
 @functools.lru_cache(maxsize=8)

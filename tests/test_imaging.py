@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from service import imaging
 from service.errors import BadInput, ServiceError, TooLarge, UnsupportedMedia
@@ -18,6 +19,7 @@ from service.imaging import ImageLimits, decode, feature_grid_png, input_png, pr
 MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
 # An ankle boot (class 9): no left-right or up-down symmetry, so rotations and flips are caught.
 BOOT = 0
+DEFAULT_LIMITS = ImageLimits()
 
 
 @pytest.fixture(scope="module")
@@ -461,6 +463,151 @@ def test_corrupted_files_never_leak_pillow_errors(garment):
             except ServiceError:
                 continue
             assert out.shape == (28, 28, 1) and np.isfinite(out).all()
+
+
+# --- the plain-PNG fast path (imaging._plain_png) against Pillow's full path -----------------------
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's (type, body) chunks, in order."""
+    out, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack_from(">I", data, pos)
+        out.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return out
+
+
+def in_idat_body(data: bytes, index: int) -> bool:
+    pos = 8
+    for kind, body in chunks(data):
+        if pos + 8 <= index < pos + 8 + len(body):
+            return kind == b"IDAT"
+        pos += 12 + len(body)
+    return False
+
+
+def rebuild(parts: list[tuple[bytes, bytes]]) -> bytes:
+    return imaging.PNG_SIGNATURE + b"".join(chunk(kind, body) for kind, body in parts)
+
+
+def outcome(data: bytes, limits: ImageLimits, fast: bool) -> tuple[object, ...]:
+    """What decode makes of `data`, with or without the fast path: the image, or the error it raises."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not fast:
+            patch.setattr(imaging, "_plain_png", lambda data, limits: None)
+        try:
+            image = decode(data, limits)
+        except ServiceError as exc:
+            return type(exc), exc.status_code, exc.message
+    return image.mode, image.size, image.tobytes()
+
+
+def same_as_pillow(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> bool:
+    """Whether the fast path took the file; asserts that decode gives what Pillow's full path gives."""
+    assert outcome(data, limits, fast=True) == outcome(data, limits, fast=False)
+    return imaging._plain_png(data, limits) is not None
+
+
+def plain_pngs(split, garment) -> dict[str, bytes]:
+    """8-bit PNGs with nothing but pixels in them, as encoders write them (Pillow, by hand)."""
+    rng = np.random.default_rng(7)
+    boot = photo(garment, canvas=(97, 61))
+    alpha = Image.fromarray(garment).resize(boot.size)
+    noise = Image.fromarray(rng.integers(0, 256, (800, 1000), dtype=np.uint8))  # ~13 IDAT chunks
+    files = {f"test image {i}": encode(Image.fromarray(split.images[i]), "PNG") for i in range(0, 10_000, 97)}
+    files |= {
+        "L": encode(boot.convert("L"), "PNG"),
+        "RGB": encode(boot, "PNG"),
+        "LA": encode(Image.merge("LA", (boot.convert("L"), alpha)), "PNG"),
+        "RGBA": encode(Image.merge("RGBA", (*boot.split(), alpha)), "PNG"),
+        "1x1": encode(Image.new("L", (1, 1), 200), "PNG"),
+        "uncompressed": encode(boot, "PNG", compress_level=0),
+        "optimized": encode(boot, "PNG", optimize=True),
+        "noise, many IDAT chunks": encode(noise, "PNG"),
+        "dpi (pHYs)": encode(boot, "PNG", dpi=(300, 300)),
+    }
+    parts = chunks(files["L"])
+    data = zlib.compress(b"".join(encode_rows(np.asarray(boot.convert("L")))))
+    pieces = [(b"IDAT", data[i : i + 7]) for i in range(0, len(data), 7)]
+    inert = [(b"sRGB", b"\0"), (b"gAMA", struct.pack(">I", 45455)), (b"cHRM", bytes(32)), (b"pHYs", bytes(9))]
+    files["inert chunks before and after"] = rebuild([parts[0], *inert, *parts[1:-1], (b"tIME", bytes(7)), parts[-1]])
+    files["IDAT in 7-byte pieces, one empty"] = rebuild([parts[0], *pieces[:2], (b"IDAT", b""), *pieces[2:], parts[-1]])
+    return files
+
+
+def encode_rows(pixels: np.ndarray) -> list[bytes]:
+    """PNG scanlines with filter type 1 (Sub), the way some encoders write every row."""
+    return [b"\1" + np.diff(row, prepend=np.uint8(0)).astype(np.uint8).tobytes() for row in pixels]
+
+
+def test_plain_pngs_take_the_fast_path_and_decode_as_pillow_does(split, garment):
+    files = plain_pngs(split, garment)
+    assert len(chunks(files["noise, many IDAT chunks"])) > 10
+    taken = {name: same_as_pillow(data) for name, data in files.items()}
+    assert all(taken.values()), [name for name, fast in taken.items() if not fast]
+
+
+def test_anything_else_goes_to_pillow(split, garment):
+    boot = photo(garment, canvas=(97, 61))
+    plain = encode(boot.convert("L"), "PNG")
+    ihdr, *rest = chunks(plain)
+    info = PngInfo()
+    info.add_text("Comment", "hello")
+    second_frame = boot.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    interlaced = (b"IHDR", ihdr[1][:12] + b"\1")
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    files = {
+        "palette": encode(boot.convert("P"), "PNG"),
+        "1-bit": encode(boot.convert("1"), "PNG"),
+        "16-bit": encode(Image.fromarray(np.asarray(boot.convert("L")).astype(np.uint16) * 257), "PNG"),
+        "colour key (tRNS)": encode(boot.convert("L"), "PNG", transparency=255),
+        "EXIF orientation (eXIf)": encode(boot, "PNG", exif=turned.tobytes()),
+        "text": encode(boot, "PNG", pnginfo=info),
+        "animated": encode(boot, "PNG", save_all=True, append_images=[second_frame]),
+        "interlace flag": rebuild([interlaced, *rest]),
+        "pixels after another chunk": rebuild([ihdr, rest[0], (b"pHYs", bytes(9)), rest[0], *rest[1:]]),
+        "short pHYs": rebuild([ihdr, (b"pHYs", bytes(4)), *rest]),
+        "unknown chunk": rebuild([ihdr, (b"abCd", b"x"), *rest]),
+        "bad IHDR checksum": plain[:29] + bytes([plain[29] ^ 1]) + plain[30:],
+        "no IEND": plain[:-12],
+        "truncated": plain[: len(plain) // 2],
+        "zero width": png_header(0, 10),
+        "over the pixel limit": png_header(6_000, 5_000),
+    }
+    taken = {name: same_as_pillow(data) for name, data in files.items()}
+    assert not any(taken.values()), [name for name, fast in taken.items() if fast]
+    png_not_allowed = ImageLimits(formats=frozenset({"JPEG"}))
+    assert not same_as_pillow(plain, png_not_allowed)
+    assert not same_as_pillow(plain, ImageLimits(max_pixels=97 * 61 - 1))
+
+
+def test_corrupted_pngs_decode_or_fail_as_pillow_does(split, garment):
+    """Random bytes changed anywhere, pixel data included (which no chunk checksum guards), and every
+    truncation of a small file: the fast path never gives an image, or an error, that Pillow would not."""
+    rng = np.random.default_rng(3)
+    files = plain_pngs(split, garment)
+    sources = [files[name] for name in ("test image 0", "RGB", "LA", "inert chunks before and after")]
+    fast = 0
+    for clean in sources:
+        pixel_data = [i for i in range(len(clean)) if in_idat_body(clean, i)]
+        for trial in range(200):
+            data = bytearray(clean)
+            anywhere = trial % 2 == 0
+            for where in rng.choice(np.arange(8, len(data)) if anywhere else pixel_data, size=rng.integers(1, 4)):
+                data[where] = rng.integers(0, 256)
+            fast += same_as_pillow(bytes(data))
+    small = files["test image 0"]
+    for length in range(len(small)):
+        fast += same_as_pillow(small[:length])
+    # Not a vacuous comparison: some corrupted files did decode by the fast path (most changes to compressed
+    # pixels break the zlib stream, and both paths refuse those).
+    assert fast >= 10
 
 
 # --- PNG outputs ----------------------------------------------------------------------------------
