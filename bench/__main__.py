@@ -4,8 +4,11 @@
 2. the plain FastAPI wrapper (bench/reference.py) on core 0, /v1/predict at concurrency 32;
 3. the service (`python -m service`, 1 worker, 1 thread) on core 0: time to ready, /v1/predict at
    concurrency 32, /v1/predict/batch with 256 PNGs per request, RSS after the load;
-4. unpinned, the way it ships: workers × onnxruntime threads × batcher settings, on both cores.
-The load generator (bench/loadgen.py) runs on core 1 for 1-3, unpinned for 4. Servers are started
+4. head to head: the plain wrapper and the service both up on core 0, the load alternating between
+   them in short slices, so that both see the same minutes of this machine (whose speed drifts by tens
+   of percent from one minute to the next) and the requests/s ratio does not drift with it;
+5. unpinned, the way it ships: workers × onnxruntime threads × batcher settings, on both cores.
+The load generator (bench/loadgen.py) runs on core 1 for 1-4, unpinned for 5. Servers are started
 and stopped here; nothing is left running.
 """
 
@@ -50,6 +53,8 @@ class Options:
     matrix: list[tuple[int, int, int, float]]  # workers, intra-op threads, batch max size, batch max delay ms
     env: dict[str, str]
     patches: str
+    slices: int  # head to head: slices per server
+    slice_seconds: float
     expected: list[int]  # class ids of the first test images, to check answers against
 
 
@@ -202,15 +207,22 @@ def service_command(opts: Options, port: int, core: str | None) -> tuple[list[st
 
 
 def run_load(
-    opts: Options, server: Server, kind: str, concurrency: int, core: str | None, seconds: float | None = None
+    opts: Options,
+    server: Server,
+    kind: str,
+    concurrency: int,
+    core: str | None,
+    seconds: float | None = None,
+    warmup: float | None = None,
 ) -> dict[str, Any]:
     """One load run; adds the server's CPU time per request, which contention on a shared machine
     disturbs far less than requests/s."""
     url = server.url
+    seconds = seconds or opts.seconds
+    warmup = opts.warmup if warmup is None else warmup
     command = [opts.python, "-m", "bench.loadgen", "--url", url, "--kind", kind]
-    command += ["--concurrency", str(concurrency), "--seconds", str(seconds or opts.seconds)]
-    command += ["--warmup", str(opts.warmup)]
-    limit = (seconds or opts.seconds) + opts.warmup + 60
+    command += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup)]
+    limit = seconds + warmup + 60
     cpu = tree_cpu_seconds(server.process.pid)
     out = subprocess.run(pinned(core, command), cwd=ROOT, capture_output=True, check=True, timeout=limit)
     cpu = tree_cpu_seconds(server.process.pid) - cpu
@@ -226,24 +238,66 @@ def in_process(opts: Options, onnx: Path) -> dict[str, Any]:
     return result
 
 
+def reference_command(opts: Options, onnx: Path, port: int) -> list[str]:
+    return pinned(SERVER_CORE, [opts.python, "-m", "bench.reference", "--model", str(onnx), "--port", str(port)])
+
+
+def pinned_service_command(opts: Options, port: int) -> tuple[list[str], dict[str, str]]:
+    """The service on core 0: one worker, one intra-op thread."""
+    command, env = service_command(opts, port, SERVER_CORE)
+    return command, {"FASHION_SERVE_WORKERS": "1", "FASHION_SERVE_INTRA_OP_THREADS": "1", **env}
+
+
 def reference(opts: Options, onnx: Path) -> dict[str, Any]:
     port = free_port()
-    command = pinned(SERVER_CORE, [opts.python, "-m", "bench.reference", "--model", str(onnx), "--port", str(port)])
-    with serve(command, {}, port) as server:
+    with serve(reference_command(opts, onnx, port), {}, port) as server:
         check_answers(server.url, opts.expected, batch=False)
         return run_load(opts, server, "single", opts.concurrency, CLIENT_CORE) | {"ready_s": server.ready_s}
 
 
 def service_pinned(opts: Options) -> dict[str, Any]:
     port = free_port()
-    command, env = service_command(opts, port, SERVER_CORE)
-    env = {"FASHION_SERVE_WORKERS": "1", "FASHION_SERVE_INTRA_OP_THREADS": "1", **env}
+    command, env = pinned_service_command(opts, port)
     with serve(command, env, port) as server:
         check_answers(server.url, opts.expected, batch=True)
         single = run_load(opts, server, "single", opts.concurrency, CLIENT_CORE)
         batch = run_load(opts, server, "batch", opts.batch_concurrency, CLIENT_CORE)
         rss = tree_rss_mb(server.process.pid)
         return {"ready_s": server.ready_s, "single": single, "batch": batch, "rss_mb": rss}
+
+
+def head_to_head(opts: Options, onnx: Path) -> dict[str, Any]:
+    """/v1/predict on both servers, pinned to core 0 together (the idle one costs nothing), the load
+    alternating between them in slices (which goes first swaps every round): requests/s and CPU time
+    per request over all slices of each."""
+    ref_port, svc_port = free_port(), free_port()
+    svc_command, env = pinned_service_command(opts, svc_port)
+    # CPU time is taken over whole load runs, warm-up included: per request, it is divided by all of them.
+    totals = {name: {"requests": 0, "completed": 0, "errors": 0, "cpu_s": 0.0} for name in ("service", "reference")}
+    with serve(reference_command(opts, onnx, ref_port), {}, ref_port) as ref, serve(svc_command, env, svc_port) as svc:
+        check_answers(ref.url, opts.expected, batch=False)
+        check_answers(svc.url, opts.expected, batch=False)
+        servers = [("service", svc), ("reference", ref)]
+        for turn in range(opts.slices):
+            for name, server in servers if turn % 2 == 0 else servers[::-1]:
+                run = run_load(opts, server, "single", opts.concurrency, CLIENT_CORE, opts.slice_seconds, warmup=0.5)
+                totals[name]["requests"] += run["requests"]
+                totals[name]["completed"] += run["completed"]
+                totals[name]["errors"] += run["errors"]
+                totals[name]["cpu_s"] += run["server_cpu_ms_per_request"] * run["completed"] / 1000
+    seconds = opts.slices * opts.slice_seconds
+    return {
+        "slices": opts.slices,
+        "slice_seconds": opts.slice_seconds,
+        **{
+            name: {
+                "rps": t["requests"] / seconds,
+                "errors": t["errors"],
+                "server_cpu_ms_per_request": 1000 * t["cpu_s"] / max(1, t["completed"]),
+            }
+            for name, t in totals.items()
+        },
+    }
 
 
 def matrix(opts: Options) -> list[dict[str, Any]]:
@@ -343,6 +397,17 @@ def report(results: dict[str, Any]) -> str:
                 f"| server CPU time per request, /v1/predict | plain {ref['server_cpu_ms_per_request']:.2f} ms, "
                 f"service {single['server_cpu_ms_per_request']:.2f} ms | | {cpu_ratio:.2f}× less | |"
             )
+        duel = results.get("head_to_head")
+        if duel:
+            a, b = duel["service"], duel["reference"]
+            duel_ratio = a["rps"] / b["rps"]
+            lines.append(
+                f"| head to head, /v1/predict c={single['concurrency']}: both on core 0, the load alternating, "
+                f"{duel['slices']} slices of {duel['slice_seconds']:g} s each | service {a['rps']:,.0f} req/s, "
+                f"{a['server_cpu_ms_per_request']:.2f} CPU ms/request; plain {b['rps']:,.0f} req/s, "
+                f"{b['server_cpu_ms_per_request']:.2f} CPU ms/request; {a['errors'] + b['errors']} errors | "
+                f"≥ {TARGET_RPS_RATIO:.0f}× plain | {duel_ratio:.2f}× | {check(duel_ratio >= TARGET_RPS_RATIO)} |"
+            )
         lines.append(
             f"| service /v1/predict p99 | {single['p99_ms']:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | | "
             f"{check(single['p99_ms'] <= TARGET_P99_MS)} |"
@@ -418,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)")
     parser.add_argument("--patches", default="", help="bench/patched.py patches to apply to the service")
     parser.add_argument("--repeat", type=int, default=1, help="pinned runs to alternate; the median is reported")
+    parser.add_argument("--slices", type=int, default=8, help="head to head: load slices per server (0: skip)")
+    parser.add_argument("--slice-seconds", type=float, default=2.0, help="head to head: measured seconds per slice")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args(argv)
 
@@ -440,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         matrix=parse_matrix(args.matrix) if args.matrix else [],
         env=dict(item.split("=", 1) for item in args.env),
         patches=args.patches,
+        slices=args.slices,
+        slice_seconds=args.slice_seconds,
         expected=expected_classes(folder / "model.onnx"),
     )
     steps = set(args.only or ["limit", "reference", "service", "matrix"])
@@ -480,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         if found:
             results[step] = sorted(found, key=medians[step])[len(found) // 2]
             results[f"{step}_runs"] = found
+    if {"reference", "service"} <= steps and opts.slices:
+        print("head to head …", flush=True)
+        results["head_to_head"] = head_to_head(opts, onnx)
     if "matrix" in steps and opts.matrix:
         print("service, unpinned settings …", flush=True)
         results["matrix"] = matrix(opts)
