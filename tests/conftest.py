@@ -6,10 +6,12 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,11 @@ def reference_session() -> ort.InferenceSession:
 def reference_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     x = (images.astype(np.float32) / 255.0)[..., None]
     return session.run(["probabilities"], {"image": x})[0]
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, type, body, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -47,7 +47,7 @@ from service import middleware
 from service.app import create_app
 from service.errors import ModelLoadError
 from service.settings import Settings
-from tests.conftest import MODEL_NAME, MODELS, ROOT, free_port, make_settings, model_folder, wait_ready
+from tests.conftest import MODEL_NAME, MODELS, ROOT, free_port, make_settings, model_folder, png_chunk, wait_ready
 
 # ------------------------------------------------------------------------------------ the server
 
@@ -239,10 +239,6 @@ def noisy(fmt: str) -> bytes:
     """An incompressible 96x96 image, so that a prefix of it is surely truncated pixel data."""
     pixels = np.random.default_rng(0).integers(0, 256, (96, 96), np.uint8)
     return encoded(Image.fromarray(pixels), fmt)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def png_claiming(width: int, height: int, idat: bytes = b"") -> bytes:

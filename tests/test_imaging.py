@@ -15,6 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 from service import imaging
 from service.errors import BadInput, ServiceError, TooLarge, UnsupportedMedia
 from service.imaging import ImageLimits, decode, feature_grid_png, input_png, preprocess, to_model_input
+from tests.conftest import png_chunk
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
 # An ankle boot (class 9): no left-right or up-down symmetry, so rotations and flips are caught.
@@ -362,11 +363,13 @@ def test_to_model_input_needs_mode_l():
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height, with one tiny compressed row: no pixel data to speak of."""
 
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def raises(exc_type: type[ServiceError], data: bytes, *words: str, limits: ImageLimits | None = None) -> None:
@@ -468,10 +471,6 @@ def test_corrupted_files_never_leak_pillow_errors(garment):
 # --- the plain-PNG fast path (imaging._plain_png) against Pillow's full path -----------------------
 
 
-def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 def chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     """A PNG's (type, body) chunks, in order."""
     out, pos = [], 8
@@ -493,7 +492,7 @@ def pixel_data_offsets(data: bytes) -> list[int]:
 
 
 def rebuild(parts: list[tuple[bytes, bytes]]) -> bytes:
-    return imaging.PNG_SIGNATURE + b"".join(chunk(kind, body) for kind, body in parts)
+    return imaging.PNG_SIGNATURE + b"".join(png_chunk(kind, body) for kind, body in parts)
 
 
 def outcome(data: bytes, limits: ImageLimits, fast: bool) -> tuple[object, ...]:
