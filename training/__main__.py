@@ -7,12 +7,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
 from training import ARCHITECTURE_NAMES, DEFAULT_ARCH
 from training.data import DataError
+
+if TYPE_CHECKING:  # importing the export module loads TensorFlow: only where it is used
+    from training.export import Parity
 
 DEFAULT_MODEL_NAME = "fashion-mnist-cnn"
 
@@ -47,10 +50,15 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX gz files")
 
     for name, help_text in (
-        ("export", "convert MODEL_DIR/model.keras to model.onnx + card.json (parity gate)"),
+        (
+            "export",
+            "convert MODEL_DIR/model.keras (no training) to model.onnx, model.probabilities.onnx (only the "
+            "probabilities output) and card.json, behind the parity gate; a card already there keeps "
+            "its metrics and created date",
+        ),
         ("evaluate", "evaluate MODEL_DIR/model.onnx on the test set with onnxruntime"),
     ):
-        c = sub.add_parser(name, help=help_text)
+        c = sub.add_parser(name, help=help_text, description=help_text)
         c.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
         c.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX gz files")
     lat = sub.add_parser("latency", help="single-image CPU latency (1 thread) of each MODEL_DIR/model.onnx")
@@ -97,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {cfg.arch} on {n_train} images from {dataset.source} → {folder}")
     result = train(dataset, cfg)
     save(result, cfg, folder)
-    cmd_export(folder, args.data_dir)
+    cmd_export(folder, args.data_dir, keep_created=False)
     summary = cmd_evaluate(folder, args.data_dir)
     rows = [
         ("architecture", cfg.arch),
@@ -137,7 +145,10 @@ def _training_record(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def cmd_export(folder: Path, data_dir: Path | None) -> None:
+def cmd_export(folder: Path, data_dir: Path | None, *, keep_created: bool = True) -> None:
+    """Export MODEL_DIR/model.keras and write its card. Re-exporting keeps the metrics an earlier
+    evaluation wrote into the card and, with `keep_created`, the card's created date: the model is
+    the same, only its ONNX files are rewritten."""
     record = _training_record(folder)
     keras_path = folder / "model.keras"
     if not keras_path.is_file():
@@ -151,21 +162,28 @@ def cmd_export(folder: Path, data_dir: Path | None) -> None:
     model = keras.models.load_model(keras_path)
     test = data.load_test(data_dir, download=data_dir is None)
     target = folder / "model.onnx"
-    parity = export.export(model, target, to_tensor(test.images[: export.PARITY_SAMPLES]))
-    print(f"exported {target}: parity on {parity.samples} test images, max |diff| {parity.max_abs_diff:.2e}")
+    exported = export.export(model, target, to_tensor(test.images[: export.PARITY_SAMPLES]))
+    parity = exported.parity
+    print(
+        f"exported {target} and {exported.probabilities_path.name}: parity on {parity.samples} test images, "
+        f"max |diff| {parity.max_abs_diff:.2e}; probabilities-only graph identical to the full one"
+    )
     cfg = record["config"]
     shapes = {"probabilities": [-1, 10]}
     shapes |= {n: [-1, *model.get_layer(n).output.shape[1:]] for n in export.output_names(model)[1:]}
-    # Re-exporting keeps the metrics an earlier evaluation wrote into the card.
     old_metrics: dict[str, object] | None = None
+    old_created: str | None = None
     if (folder / card.CARD).is_file():
-        old_metrics = card.read(folder).get("metrics")  # type: ignore[assignment]
+        old_card = card.read(folder)
+        old_metrics = old_card.get("metrics")  # type: ignore[assignment]
+        old_created = old_card.get("created") if keep_created else None  # type: ignore[assignment]
     card.write(
         folder,
         card.build(
             name=folder.parent.name,
             version=folder.name,
             onnx_path=target,
+            probabilities_path=exported.probabilities_path,
             output_shapes=shapes,
             training={
                 "architecture": cfg["arch"],
@@ -192,15 +210,18 @@ def cmd_export(folder: Path, data_dir: Path | None) -> None:
             },
             parameters=int(record["parameters"]),
             data_sha256=_data_sha(data_dir),
-            parity={
-                "samples": parity.samples,
-                "max_abs_diff": parity.max_abs_diff,
-                "argmax_agreement": parity.argmax_agreement,
-            },
+            parity=_parity_entry(parity),
+            # against Keras, like model.onnx's; and its probabilities equal model.onnx's bit for bit
+            probabilities_parity=_parity_entry(exported.probabilities_parity) | {"equals_full_graph": True},
             opset=export.OPSET,
             metrics=old_metrics,
+            created=old_created,
         ),
     )
+
+
+def _parity_entry(parity: Parity) -> dict[str, object]:
+    return {"samples": parity.samples, "max_abs_diff": parity.max_abs_diff, "argmax_agreement": parity.argmax_agreement}
 
 
 def _data_sha(data_dir: Path | None) -> dict[str, str]:

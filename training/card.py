@@ -40,14 +40,20 @@ def build(
     name: str,
     version: str,
     onnx_path: Path,
+    probabilities_path: Path,
     output_shapes: dict[str, list[int]],
     training: dict[str, object],
     parameters: int,
     data_sha256: dict[str, str],
     parity: dict[str, object],
+    probabilities_parity: dict[str, object],
     opset: int,
     metrics: dict[str, object] | None = None,
+    created: str | None = None,
 ) -> dict[str, object]:
+    """The card of one exported version. `probabilities_path` is the graph with only the
+    probabilities as outputs, which the server prefers for runs that want nothing else; `created`
+    defaults to now."""
     return {
         "name": name,
         "version": version,
@@ -68,8 +74,13 @@ def build(
         "parameters": parameters,
         "data": {"name": "Fashion-MNIST", "sha256": data_sha256},
         "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path), "opset": opset, "parity": parity},
+        "onnx_probabilities": {
+            "file": probabilities_path.name,
+            "sha256": sha256_of(probabilities_path),
+            "parity": probabilities_parity,
+        },
         "libraries": {"python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES}},
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": created or datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -3,6 +3,11 @@
 tf2onnx's `from_keras` fails on Keras 3 models, so the model is wrapped in a `tf.function`
 with an explicit input signature and converted with `from_function`; its tensors then get
 the names the service and the card use.
+
+Beside model.onnx goes model.probabilities.onnx: the same graph with `probabilities` as its only
+graph output. onnxruntime runs every node whatever outputs a run asks for, and copies each declared
+output out of its blocked layout on every run, so the server answers probability-only requests
+from this leaner graph.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from training.architectures import feature_layers  # noqa: E402
 
 OPSET = 17
 INPUT_NAME = "image"
+PROBABILITIES = "probabilities"
+PROBABILITIES_FILE = "model.probabilities.onnx"
 PARITY_SAMPLES = 1_000
 PARITY_ATOL = 1e-5
 
@@ -40,8 +47,17 @@ class Parity:
     argmax_agreement: float
 
 
+@dataclass(frozen=True)
+class Exported:
+    """What `export` wrote and measured."""
+
+    parity: Parity  # model.onnx against Keras
+    probabilities_path: Path  # the probabilities-only graph, beside model.onnx
+    probabilities_parity: Parity  # that graph against Keras; its probabilities equal model.onnx's bit for bit
+
+
 def output_names(model: keras.Model) -> list[str]:
-    return ["probabilities", *feature_layers(model), "embedding"]
+    return [PROBABILITIES, *feature_layers(model), "embedding"]
 
 
 def to_onnx(model: keras.Model) -> onnx.ModelProto:
@@ -73,10 +89,28 @@ def _rename(proto: onnx.ModelProto, mapping: dict[str, str]) -> None:
         node.output[:] = [mapping.get(n, n) for n in node.output]
 
 
+def probabilities_only(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose only graph output is `probabilities`: same nodes, same weights."""
+    lean = onnx.ModelProto()
+    lean.CopyFrom(proto)
+    kept = [out for out in lean.graph.output if out.name == PROBABILITIES]
+    if not kept:
+        raise ValueError(f"graph {proto.graph.name!r} has no {PROBABILITIES!r} output")
+    del lean.graph.output[:]
+    lean.graph.output.extend(kept)
+    onnx.checker.check_model(lean)
+    return lean
+
+
+def onnx_probabilities(onnx_bytes: bytes, images: np.ndarray) -> np.ndarray:
+    """The graph's `probabilities` for `images`, from onnxruntime on CPU."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return session.run([PROBABILITIES], {INPUT_NAME: images})[0]  # type: ignore[no-any-return]
+
+
 def check_parity(model: keras.Model, onnx_bytes: bytes, images: np.ndarray) -> Parity:
     """Probabilities from onnxruntime and Keras on the same images must match."""
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {INPUT_NAME: images})[0]
+    got = onnx_probabilities(onnx_bytes, images)
     want = model.predict(images, batch_size=256, verbose=0)
     diff = float(np.max(np.abs(got - want)))
     agree = float(np.mean(got.argmax(1) == want.argmax(1)))
@@ -89,15 +123,31 @@ def check_parity(model: keras.Model, onnx_bytes: bytes, images: np.ndarray) -> P
     return parity
 
 
-def export(model: keras.Model, target: Path, parity_images: np.ndarray) -> Parity:
-    """Convert, check parity on `parity_images`, then move the file into place atomically."""
+def export(model: keras.Model, target: Path, parity_images: np.ndarray) -> Exported:
+    """Convert to `target` and its probabilities-only graph beside it (PROBABILITIES_FILE).
+
+    Both graphs must pass the parity gate against Keras on `parity_images`, and the lean graph's
+    probabilities must equal the full graph's exactly; only then is each file moved into place
+    atomically. Nothing is written if a check fails.
+    """
+    images = parity_images[:PARITY_SAMPLES]
     proto = to_onnx(model)
     data = proto.SerializeToString()
-    parity = check_parity(model, data, parity_images[:PARITY_SAMPLES])
+    lean = probabilities_only(proto).SerializeToString()
+    parity = check_parity(model, data, images)
+    if not np.array_equal(onnx_probabilities(lean, images), onnx_probabilities(data, images)):
+        raise ParityError(f"{PROBABILITIES_FILE}: probabilities differ from the full graph's")
+    lean_parity = check_parity(model, lean, images)
+    lean_path = target.parent / PROBABILITIES_FILE
+    _write_atomically(lean_path, lean)
+    _write_atomically(target, data)
+    return Exported(parity, lean_path, lean_parity)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model.", suffix=".onnx")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".onnx")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a server running as another user could not read it
     os.replace(tmp, target)
-    return parity
