@@ -41,7 +41,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(VENV)/.installed
-	$(VENV)/bin/mypy service training bench
+	$(VENV)/bin/mypy service training bench scoring
 
 pytest: $(VENV)/.installed data browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": settings.shutdown_grace_s,
-        "access_log": False,  # service.middleware writes structured JSON access logs instead
+        "access_log": False,  # service.api.middleware writes structured JSON access logs instead
     }
     # uvicorn re-raises SIGTERM after its graceful shutdown; a handled signal lets it exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -1,26 +1,25 @@
-"""create_app(settings): routers, one error handler, and a lifespan that loads the model."""
+"""create_app(settings): routes, one error handler, and a lifespan that opens the data plane."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from service import __version__
-from service.api import classify, health, models, v2, web
-from service.batching import Batcher
-from service.errors import ServiceError
+from service.api import endpoints, health, rest, v2, web
+from service.api.middleware import MIDDLEWARE_RESPONSES, configure_access_log, install_middleware
+from service.dataplane import DataPlane
+from service.errors import ServiceError, error_body
 from service.metrics import Metrics, MetricsMiddleware
-from service.metrics import router as metrics_router
-from service.middleware import MIDDLEWARE_RESPONSES, configure_access_log, install_middleware
-from service.model import Model, build_model
+from service.model import Model
 from service.settings import LOG_FORMAT, Settings
 
 log = logging.getLogger("service")
@@ -50,26 +49,27 @@ def serving_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+# The routes that read a request body: plain endpoints (service/api/endpoints.py), matched first.
+ENDPOINTS = [*rest.ENDPOINTS, *v2.ENDPOINTS, *web.ENDPOINTS]
+
+
 def create_app(settings: Settings | None = None, model: Model | None = None) -> FastAPI:
+    """The app; `model` (tests, the CLI's fail-fast check) is served instead of the one the settings name."""
     settings = settings or Settings()
     metrics = Metrics()
+    plane = DataPlane(settings, model)
+    plane.batch_observers.append(metrics.observe_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or build_model(settings)
-        app.state.model = loaded
-        if not loaded.ready:
-            await run_in_threadpool(loaded.load)
-        batcher = Batcher(loaded, settings.batch_max_size, settings.batch_max_delay_ms)
-        batcher.observers.append(metrics.observe_batch)
-        metrics.model_info.labels(loaded.name, loaded.version, ",".join(loaded.providers_in_use)).set(1)
-        app.state.batcher = batcher
-        await batcher.start()
+        await plane.open()
+        served = plane.model()
+        metrics.model_info.labels(served.name, served.version, ",".join(served.providers_in_use)).set(1)
         try:
             with serving_gc():
                 yield
         finally:
-            await batcher.stop()
+            await plane.close()
 
     app = FastAPI(
         title="Fashion-MNIST serving",
@@ -80,9 +80,8 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
         responses=MIDDLEWARE_RESPONSES,
     )
     app.state.settings = settings
-    app.state.model = model
+    app.state.dataplane = plane
     app.state.metrics = metrics
-    app.add_middleware(classify.DirectPath, service=app)  # added first, so innermost
     install_middleware(
         app,
         api_keys=settings.api_key.get_secret_value() if settings.api_key else None,
@@ -91,40 +90,53 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     )
     # Added last, so outermost: metrics count the 401/431/503/504 answers of the middleware too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.include_router(metrics_router)
+    app.router.routes.extend(endpoint.route() for endpoint in ENDPOINTS)
     app.include_router(health.router)
-    app.include_router(classify.router)
-    app.include_router(models.router)
+    app.include_router(rest.router)
     app.include_router(v2.router)
     app.include_router(web.router)
     install_error_handlers(app)
+    document_endpoints(app)
     return app
+
+
+def document_endpoints(app: FastAPI) -> None:
+    """FastAPI documents its own routes; the plain endpoints are added to the same document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            endpoints.document(generate(), ENDPOINTS, MIDDLEWARE_RESPONSES)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def json_error(status: int, message: str, headers: Mapping[str, str] | None = None, **extra: Any) -> Response:
+    return Response(error_body(message, **extra), status, headers, media_type="application/json")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"error": exc.message}, status_code=exc.status_code)
+    async def service_error(_: Request, exc: ServiceError) -> Response:
+        return json_error(exc.status_code, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
-        return JSONResponse(
-            {"error": "invalid request: " + "; ".join(problems), "detail": jsonable_errors(exc)},
-            status_code=422,
-        )
+        return json_error(422, "invalid request: " + "; ".join(problems), detail=jsonable_errors(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        return json_error(exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+        return json_error(500, f"internal error ({type(exc).__name__})")
 
 
 def jsonable_errors(exc: RequestValidationError) -> list[dict[str, object]]:

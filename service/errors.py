@@ -1,6 +1,11 @@
-"""One error base class carrying its HTTP status; one handler turns it into {"error": "..."}."""
+"""One error base class carrying its HTTP status, and the one body every error is written as:
+{"error": "..."}. Framework-free: the HTTP layer maps these to responses in one handler."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import orjson
 
 
 class ServiceError(Exception):
@@ -35,3 +40,8 @@ class NotReady(ServiceError):
 
 class ModelLoadError(Exception):
     """The model or its card cannot be used; raised at startup, never during a request."""
+
+
+def error_body(message: str, **extra: Any) -> bytes:
+    """The service's one error shape, {"error": message, ...}, as JSON bytes."""
+    return orjson.dumps({"error": message, **extra})

@@ -1,5 +1,5 @@
 """Prometheus metrics: requests by route and status, latency, queue and inference time, batch sizes,
-requests in flight, and a model info series. Served at /metrics.
+requests in flight, and a model info series. Served at /metrics (service/api/health.py).
 
 Each app gets its own registry (tests build many apps). With several uvicorn workers,
 `python -m service` sets PROMETHEUS_MULTIPROC_DIR and /metrics aggregates every worker.
@@ -11,8 +11,7 @@ import os
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -112,16 +111,3 @@ class MetricsMiddleware:
 def _route(scope: Scope) -> str:
     route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"
-
-
-router = APIRouter(tags=["health"])
-
-
-@router.get(
-    "/metrics",
-    summary="Prometheus metrics",
-    response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
-)
-async def metrics_endpoint(request: Request) -> Response:
-    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

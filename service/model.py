@@ -1,15 +1,15 @@
 """The model: reads a repository version, verifies it, owns the onnxruntime sessions.
 
-It never sees HTTP. `load()` builds the session (and a leaner one for runs that want only the
+It never sees HTTP. `load()` verifies each ONNX file against its card's SHA-256 and builds the session
+(and, when the card lists a probabilities-only graph, a leaner one for the runs that want only the
 probabilities); each answers one warm-up inference before `ready` turns true."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,94 +91,49 @@ def resolve_providers(requested: list[str], available: list[str], strict: bool) 
     return chosen, warnings
 
 
-# ------------------------------------------------------------------ a graph with fewer outputs
-# onnxruntime runs every node of a graph whatever outputs a run asks for; with the feature maps declared
-# as graph outputs, each run also copies them out of onnxruntime's blocked (NCHWc) layout, about 17 % of
-# the instructions of a probabilities-only run (valgrind, batches of 16). So the model is also loaded
-# as a second session whose graph declares only the probabilities. The serving side has no `onnx`
-# package (training does), so the graph's output list is edited in the protobuf wire format directly:
-# ModelProto.graph is field 7, GraphProto.output field 12, ValueInfoProto.name field 1.
-_MODEL_GRAPH, _GRAPH_OUTPUT, _VALUE_INFO_NAME = 7, 12, 1
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the graph, as its card describes it."""
 
+    name: str
+    shape: tuple[int, ...]  # -1 for the batch dimension, as V2 writes it
+    dtype: str
+    kind: str | None = None  # outputs: "probabilities", "feature_map" or "embedding"
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data):
-            raise ValueError("truncated protobuf")
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at += 1
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, bytes, bytes]]:
-    """(field number, the field's whole encoding, its payload when length-delimited) for each field."""
-    at = 0
-    while at < len(data):
-        start = at
-        key, at = _varint(data, at)
-        number, wire = key >> 3, key & 7
-        payload = b""
-        if wire == 0:
-            _, at = _varint(data, at)
-        elif wire == 1:
-            at += 8
-        elif wire == 2:
-            size, at = _varint(data, at)
-            payload, at = data[at : at + size], at + size
-        elif wire == 5:
-            at += 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if at > len(data):
-            raise ValueError("truncated protobuf")
-        yield number, data[start:at], payload
-
-
-def _value_name(value_info: bytes) -> str:
-    return next((p.decode() for n, _, p in _fields(value_info) if n == _VALUE_INFO_NAME), "")
-
-
-def graph_with_outputs(model: bytes, keep: Iterable[str]) -> bytes:
-    """The serialized ONNX model with only the graph outputs named in `keep`, everything else as it was."""
-    keep = set(keep)
-
-    def graph(payload: bytes) -> bytes:
-        return b"".join(
-            whole for number, whole, value in _fields(payload) if number != _GRAPH_OUTPUT or _value_name(value) in keep
+    @classmethod
+    def read(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(
+            str(raw["name"]), tuple(int(d) for d in raw["shape"]), str(raw.get("dtype", "float32")), raw.get("kind")
         )
 
-    out = bytearray()
-    for number, whole, payload in _fields(model):
-        if number == _MODEL_GRAPH:
-            edited = graph(payload)
-            out += _encode_varint(_MODEL_GRAPH << 3 | 2) + _encode_varint(len(edited)) + edited
-        else:
-            out += whole
-    return bytes(out)
+
+@dataclass(frozen=True)
+class GraphFile:
+    """An ONNX file of the version and the SHA-256 its card gives for it."""
+
+    file: str
+    sha256: str
+
+    @classmethod
+    def read(cls, raw: dict[str, Any]) -> GraphFile:
+        return cls(str(raw.get("file", "model.onnx")), str(raw["sha256"]))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Card:
+    """card.json, read once into types: what the version is, its tensors, its files."""
+
     name: str
     version: str
-    classes: list[str]
-    input: dict[str, Any]
-    outputs: list[dict[str, Any]]
+    classes: tuple[str, ...]
+    input: TensorSpec
+    outputs: tuple[TensorSpec, ...]
     metrics: dict[str, Any]
-    sha256: str
+    graph: GraphFile
+    # The same network with only its probabilities as graph outputs, written at export: onnxruntime
+    # runs every node whatever a run asks for, and copies each declared output out of its blocked
+    # layout, so runs that want only the probabilities are cheaper on this graph. Optional.
+    probabilities_graph: GraphFile | None
     raw: dict[str, Any]
 
     @classmethod
@@ -186,14 +141,16 @@ class Card:
         path = folder / "card.json"
         try:
             raw = json.loads(path.read_text())
+            lean = raw.get("onnx_probabilities")
             card = cls(
-                name=raw["name"],
+                name=str(raw["name"]),
                 version=str(raw["version"]),
-                classes=list(raw["classes"]),
-                input=dict(raw["input"]),
-                outputs=list(raw["outputs"]),
+                classes=tuple(str(c) for c in raw["classes"]),
+                input=TensorSpec.read(raw["input"]),
+                outputs=tuple(TensorSpec.read(o) for o in raw["outputs"]),
                 metrics=dict(raw.get("metrics") or {}),
-                sha256=raw["onnx"]["sha256"],
+                graph=GraphFile.read(raw["onnx"]),
+                probabilities_graph=GraphFile.read(lean) if lean else None,
                 raw=raw,
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -201,6 +158,9 @@ class Card:
         if not card.classes or not card.outputs:
             raise ModelLoadError(f"{path}: card lists no classes or no outputs")
         return card
+
+    def outputs_of(self, kind: str) -> list[str]:
+        return [o.name for o in self.outputs if o.kind == kind]
 
 
 @dataclass
@@ -213,13 +173,18 @@ class Model:
 
     card: Card = field(init=False)
     session: ort.InferenceSession | None = field(init=False, default=None)
-    # The same model with only its probabilities as graph outputs: what most runs ask for, cheaper.
+    # The card's probabilities-only graph, when it has one: what most runs ask for, cheaper.
     lean_session: ort.InferenceSession | None = field(init=False, default=None)
     provider_warnings: list[str] = field(init=False, default_factory=list)
     ready: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.card = Card.read(self.folder)
+        # Asked on every run: computed once.
+        self.output_names = [o.name for o in self.card.outputs]
+        self.feature_layers = self.card.outputs_of("feature_map")
+        self.lean_outputs = self.card.outputs_of("probabilities")
+        self.input_name = self.card.input.name
 
     @property
     def name(self) -> str:
@@ -230,33 +195,24 @@ class Model:
         return self.card.version
 
     @property
-    def output_names(self) -> list[str]:
-        return [o["name"] for o in self.card.outputs]
-
-    @property
-    def feature_layers(self) -> list[str]:
-        return [o["name"] for o in self.card.outputs if o.get("kind") == "feature_map"]
-
-    @functools.cached_property
-    def lean_outputs(self) -> list[str]:  # asked on every run: computed once
-        return [o["name"] for o in self.card.outputs if o.get("kind") == "probabilities"]
-
-    @property
     def providers_in_use(self) -> list[str]:
         return self.session.get_providers() if self.session else []
 
-    def load(self) -> None:
-        onnx_path = self.folder / self.card.raw.get("onnx", {}).get("file", "model.onnx")
+    def _read_graph(self, graph: GraphFile) -> bytes:
+        """The file's bytes, checked against the SHA-256 its card gives."""
+        path = self.folder / graph.file
         try:
-            data = onnx_path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise ModelLoadError(f"{onnx_path}: cannot read model ({exc.strerror})") from None
+            raise ModelLoadError(f"{path}: cannot read model ({exc.strerror})") from None
         digest = hashlib.sha256(data).hexdigest()
-        if digest != self.card.sha256:
-            raise ModelLoadError(
-                f"{onnx_path}: SHA-256 {digest[:12]}… does not match the card's {self.card.sha256[:12]}…"
-            )
+        if digest != graph.sha256:
+            raise ModelLoadError(f"{path}: SHA-256 {digest[:12]}… does not match the card's {graph.sha256[:12]}…")
+        return data
 
+    def load(self) -> None:
+        data = self._read_graph(self.card.graph)
+        onnx_path = self.folder / self.card.graph.file
         chosen, warnings = resolve_providers(self.providers, ort.get_available_providers(), self.strict_providers)
         if "CUDAExecutionProvider" in chosen and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN from the nvidia-* wheels (as PyTorch installs them)
@@ -269,10 +225,7 @@ class Model:
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = GRAPH_LEVELS[self.graph_optimization]
-        try:
-            session = ort.InferenceSession(data, sess_options=options, providers=chosen)
-        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-            raise ModelLoadError(f"{onnx_path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        session = self._session(data, onnx_path, options, chosen)
         # A provider can be offered yet fail to initialise (missing CUDA libraries); onnxruntime then
         # silently runs on CPU. Report what the session really uses.
         actual = session.get_providers()
@@ -282,36 +235,34 @@ class Model:
                 if self.strict_providers:
                     raise ModelLoadError(message)
                 warnings.append(message)
-        missing = set(self.output_names) - {o.name for o in session.get_outputs()}
-        if missing or session.get_inputs()[0].name != self.card.input["name"]:
-            raise ModelLoadError(f"{onnx_path}: graph does not match its card (outputs missing: {sorted(missing)})")
-        self.session = session
-        self.lean_session = self._lean_session(data, options, actual)
+        self._check_graph(session, onnx_path, self.output_names)
+        lean: ort.InferenceSession | None = None
+        if self.card.probabilities_graph is not None:
+            lean_path = self.folder / self.card.probabilities_graph.file
+            lean = self._session(self._read_graph(self.card.probabilities_graph), lean_path, options, actual)
+            self._check_graph(lean, lean_path, self.lean_outputs)
+        self.session, self.lean_session = session, lean
         self.provider_warnings = warnings
         for message in warnings:
             log.warning(message)
         # Warm-up, each session: ready means it has answered once (a first run allocates its buffers).
         self.run(np.zeros((1, 28, 28, 1), np.float32))
-        if self.lean_session is not None:
+        if lean is not None:
             self.run(np.zeros((1, 28, 28, 1), np.float32), self.lean_outputs)
         self.ready = True
         log.info("model %s version %s ready on %s", self.name, self.version, ", ".join(actual))
 
-    def _lean_session(
-        self, data: bytes, options: ort.SessionOptions, providers: list[str]
-    ) -> ort.InferenceSession | None:
-        """The probabilities-only session, or None (runs then all use the full one): an optimisation only."""
-        lean = self.lean_outputs
-        if not lean or len(lean) == len(self.output_names):
-            return None
+    @staticmethod
+    def _session(data: bytes, path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(graph_with_outputs(data, lean), sess_options=options, providers=providers)
-        except Exception as exc:  # an unexpected encoding: serve everything from the full graph
-            log.warning("no probabilities-only session (%s); every run uses the full graph", exc)
-            return None
-        if sorted(o.name for o in session.get_outputs()) != sorted(lean):
-            return None
-        return session
+            return ort.InferenceSession(data, sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelLoadError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+
+    def _check_graph(self, session: ort.InferenceSession, path: Path, outputs: list[str]) -> None:
+        missing = set(outputs) - {o.name for o in session.get_outputs()}
+        if missing or session.get_inputs()[0].name != self.input_name:
+            raise ModelLoadError(f"{path}: graph does not match its card (outputs missing: {sorted(missing)})")
 
     def run(self, batch: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run a float32 [N, 28, 28, 1] batch; returns the requested outputs (default: all)."""
@@ -321,7 +272,7 @@ class Model:
         self.check_outputs(names)
         lean = self.lean_session
         session = lean if lean is not None and all(n in self.lean_outputs for n in names) else self.session
-        results = session.run(names, {self.card.input["name"]: batch})
+        results = session.run(names, {self.input_name: batch})
         return dict(zip(names, results, strict=True))
 
     def check_outputs(self, names: Iterable[str]) -> None:
@@ -334,9 +285,9 @@ class Model:
             "name": self.name,
             "version": self.version,
             "versions": versions(self.folder.parent),
-            "classes": self.card.classes,
-            "input": self.card.input,
-            "outputs": self.card.outputs,
+            "classes": list(self.card.classes),
+            "input": self.card.raw["input"],
+            "outputs": self.card.raw["outputs"],
             "providers": {
                 "requested": self.providers,
                 "in_use": self.providers_in_use,

@@ -62,6 +62,13 @@ class Settings(BaseModel):
         description="How long a batch may wait for more requests (0: take only what is queued).",
     )
 
+    inline_decode_max_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="PNGs up to this size (and 64×64 pixels) are decoded on the event loop, where they take "
+        "less time than the hop to a worker thread; bigger files and other formats in a thread. 0: always a thread.",
+    )
+
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest accepted image file.")
     max_image_pixels: int = Field(25_000_000, ge=1, description="Largest width×height, checked before decoding.")
     max_batch_images: int = Field(256, ge=1, description="Most images (or array rows) in one batch request.")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -55,10 +58,16 @@ DOWNLOAD_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) 
 
 IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+IDX_UBYTE = b"\x00\x00\x08"  # the first three bytes of an IDX file of unsigned bytes
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class DataError(Exception):
     """The data set is missing, truncated or corrupt; the message names the file."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message  # what is wrong, without the file's name (where the message has it)
 
 
 @dataclass(frozen=True)
@@ -146,30 +155,48 @@ def content_sha256(path: Path) -> str:
 
 
 def read_idx(path: Path, expected_magic: int, expected_count: int | None = None) -> np.ndarray:
-    """Read one gzipped IDX file, checking magic number, dimensions and length."""
+    """One IDX file of unsigned bytes, gzipped or plain: magic number, dimensions, count and length checked.
+
+    Raises DataError naming the file; its `reason` is the same message without the name."""
+
+    def fail(reason: str) -> NoReturn:
+        raise DataError(f"{path.name}: {reason}", reason) from None
+
     try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:  # gzip raises these on truncated or non-gzip input
-        raise DataError(f"{path.name}: not a readable gzip file ({exc})") from None
-    if len(raw) < 8:
-        raise DataError(f"{path.name}: too short for an IDX header ({len(raw)} bytes)")
-    (magic,) = struct.unpack(">i", raw[:4])
+        raw = path.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read IDX file: {exc}")
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:  # truncated or damaged gzip data
+            fail(f"not a readable gzip file ({exc})")
+    elif path.suffix.lower() == ".gz" and raw[:3] != IDX_UBYTE:
+        fail("not a readable gzip file (no gzip header)")
+    if len(raw) < 4:
+        fail(f"too short for an IDX header ({len(raw)} bytes)")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if raw[:3] != IDX_UBYTE:
+        fail(f"not an IDX file of unsigned bytes (bad magic number {magic:#010x})")
     if magic != expected_magic:
-        raise DataError(f"{path.name}: bad magic number {magic}, expected {expected_magic}")
+        fail(f"IDX file holds {_idx_kind(magic)}, expected {_idx_kind(expected_magic)}")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path.name}: truncated header")
-    shape = struct.unpack(f">{ndim}i", raw[4:header])
+        fail("IDX header is truncated")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
     if ndim == 3 and shape[1:] != (28, 28):
-        raise DataError(f"{path.name}: images are {shape[1]}x{shape[2]}, expected 28x28")
+        fail(f"images are {shape[1]}x{shape[2]}, expected 28x28")
     if expected_count is not None and shape[0] != expected_count:
-        raise DataError(f"{path.name}: holds {shape[0]} items, expected {expected_count}")
-    size = int(np.prod(shape))
+        fail(f"holds {shape[0]} items, expected {expected_count}")
+    size = math.prod(shape)
     if len(raw) - header != size:
-        raise DataError(f"{path.name}: {len(raw) - header} data bytes, expected {size} for shape {shape}")
+        fail(f"IDX file has {len(raw) - header} data bytes, expected {size} for {shape}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _idx_kind(magic: int) -> str:
+    return {IMAGE_MAGIC: "images", LABEL_MAGIC: "labels"}.get(magic, f"{magic & 0xFF}-D data")
 
 
 def load_split(folder: Path, which: str, strict_count: bool = True) -> Split:

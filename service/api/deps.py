@@ -1,13 +1,15 @@
-"""Dependencies as Annotated aliases, overridable in tests."""
+"""How routes reach the service's state: one accessor each, as FastAPI dependencies (Annotated
+aliases, overridable in tests) and as plain functions for the plain endpoints."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
+from starlette.requests import Request
 
-from service.errors import NotReady
-from service.model import Model
+from service.dataplane import DataPlane
+from service.metrics import Metrics
 from service.settings import Settings
 
 
@@ -15,12 +17,14 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_model(request: Request) -> Model:
-    model: Model | None = request.app.state.model
-    if model is None or not model.ready:
-        raise NotReady("model not ready")
-    return model
+def get_dataplane(request: Request) -> DataPlane:
+    return request.app.state.dataplane
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-ModelDep = Annotated[Model, Depends(get_model)]
+DataPlaneDep = Annotated[DataPlane, Depends(get_dataplane)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]

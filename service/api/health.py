@@ -1,11 +1,15 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and Prometheus metrics: the routes orchestrators and scrapers call."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+
+from service.api.deps import DataPlaneDep, MetricsDep
 
 router = APIRouter(tags=["health"])
 
@@ -25,9 +29,9 @@ async def healthz() -> dict[str, str]:
         }
     },
 )
-async def readyz(request: Request) -> Any:
-    model = request.app.state.model
-    if model is None or not model.ready:
+async def readyz(plane: DataPlaneDep) -> Any:
+    model = plane.loaded()
+    if model is None or not plane.ready:
         return JSONResponse({"error": "model not ready", "status": "loading"}, status_code=503)
     return {
         "status": "ready",
@@ -36,3 +40,13 @@ async def readyz(request: Request) -> Any:
         "providers": model.providers_in_use,
         "warnings": model.provider_warnings,
     }
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
+async def metrics_endpoint(metrics: MetricsDep) -> Response:
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -10,22 +10,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fastapi import Request
 from python_multipart.multipart import parse_options_header
+from starlette.requests import Request
 
+from service.dataplane import Upload
 from service.errors import BadInput, TooLarge, UnsupportedMedia
 
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 # Text fields and headers a client may send besides its files; more than this is refused.
 EXTRA_PARTS = 16
 MAX_PART_HEADERS = 16 * 1024
-
-
-@dataclass(frozen=True)
-class Upload:
-    filename: str | None
-    data: bytes
-    content_type: str | None = None
 
 
 @dataclass(frozen=True)

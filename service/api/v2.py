@@ -1,8 +1,8 @@
 """Open Inference Protocol (KServe V2) over HTTP/REST, with Triton's binary tensor data and
 classification extensions, so that tritonclient and KServe clients work unchanged.
 
-Inference takes the same path as /v1: the same body limit, the same image preprocessing and limits,
-the same batcher in front of the one session. Wire details live in service/v2_types.py.
+Inference goes through the same data plane as /v1: the same body limit, the same image preprocessing
+and limits, the same batcher in front of the session. Wire details live in service/api/v2_codec.py.
 """
 
 from __future__ import annotations
@@ -10,17 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
 
-from service import __version__, arrays, imaging, v2_types
-from service.api.classify import limits
+from service import __version__
+from service.api import v2_codec
+from service.api.deps import DataPlaneDep, get_dataplane
+from service.api.endpoints import Endpoint, OpenAPIResponses, Params
 from service.api.schemas import ErrorBody
 from service.api.uploads import read_body
-from service.errors import BadInput, NotFound, NotReady, ServiceError, TooLarge
-from service.model import Model
-from service.settings import Settings
-from service.v2_types import OutputPlan, OutputTensor
+from service.api.v2_codec import OutputPlan, OutputTensor
+from service.dataplane import DataPlane, Upload
+from service.errors import BadInput, ServiceError, TooLarge
+from service.model import Model, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
@@ -28,11 +31,11 @@ SERVER_NAME = "fashion-serve"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = "onnxruntime_onnx"
 
-ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: OpenAPIResponses = {
     404: {"model": ErrorBody, "description": "Unknown model or version"},
     503: {"model": ErrorBody, "description": "Model not ready"},
 }
-INFER_ERRORS: dict[int | str, dict[str, Any]] = {
+INFER_ERRORS: OpenAPIResponses = {
     **ERRORS,
     400: {
         "model": ErrorBody,
@@ -53,40 +56,22 @@ with `parameters.classification: k` returns BYTES `"score:index:label"` strings,
 binary tensor data extension works both ways (`Inference-Header-Content-Length`, `binary_data_size`,
 `binary_data`, `binary_data_output`); gzip/deflate request bodies are accepted."""
 INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {"type": "object"},
-                "example": {
-                    "id": "1",
-                    "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}],
-                    "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
-                },
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {"type": "object"},
+            "example": {
+                "id": "1",
+                "inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 28, 28], "data": [0] * 784}],
+                "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
             },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
 }
-
-
-def _model(request: Request, name: str, version: str | None = None) -> Model:
-    """The served model if `name` (and `version`) name it; it may not be ready yet."""
-    model: Model | None = request.app.state.model
-    if model is None:
-        raise NotReady("model not loaded yet")
-    if name != model.name:
-        raise NotFound(f"unknown model {name!r}; serving {model.name!r}")
-    if version is not None and version != model.version:
-        raise NotFound(f"model {name!r} has no version {version!r} being served; serving version {model.version!r}")
-    return model
-
-
-def _ready_model(request: Request, name: str, version: str | None = None) -> Model:
-    model = _model(request, name, version)
-    if not model.ready:
-        raise NotReady(f"model {name!r} is not ready")
-    return model
+# Outputs of at most this many values are encoded on the event loop (the probabilities of a few images):
+# less work than the hop to a worker thread.
+INLINE_OUTPUT_VALUES = 4096
 
 
 # ------------------------------------------------------------------------------ server and health
@@ -103,10 +88,8 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", summary="The model is ready for inference", responses={503: ERRORS[503]})
-async def ready(request: Request) -> dict[str, bool]:
-    model: Model | None = request.app.state.model
-    if model is None or not model.ready:
-        raise NotReady("model not ready")
+async def ready(plane: DataPlaneDep) -> dict[str, bool]:
+    plane.model()
     return {"ready": True}
 
 
@@ -114,12 +97,9 @@ async def ready(request: Request) -> dict[str, bool]:
 
 
 def _metadata(model: Model) -> dict[str, Any]:
-    def tensor(spec: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "name": spec["name"],
-            "datatype": v2_types.datatype_of(spec.get("dtype", "float32")),
-            "shape": list(spec["shape"]),  # the card writes -1 for the batch dimension, as V2 does
-        }
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        # The card writes -1 for the batch dimension, as V2 does.
+        return {"name": spec.name, "datatype": v2_codec.datatype_of(spec.dtype), "shape": list(spec.shape)}
 
     return {
         "name": model.name,
@@ -131,70 +111,52 @@ def _metadata(model: Model) -> dict[str, Any]:
 
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs", responses=ERRORS)
-async def model_metadata(request: Request, name: str) -> dict[str, Any]:
-    return _metadata(_model(request, name))
+async def model_metadata(name: str, plane: DataPlaneDep) -> dict[str, Any]:
+    return _metadata(plane.model(name, ready=False))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=ERRORS)
-async def model_version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
-    return _metadata(_model(request, name, version))
+async def model_version_metadata(name: str, version: str, plane: DataPlaneDep) -> dict[str, Any]:
+    return _metadata(plane.model(name, version, ready=False))
 
 
 @router.get("/models/{name}/ready", summary="The model is ready", responses=ERRORS)
-async def model_ready(request: Request, name: str) -> dict[str, Any]:
-    return {"name": _ready_model(request, name).name, "ready": True}
+async def model_ready(name: str, plane: DataPlaneDep) -> dict[str, Any]:
+    return {"name": plane.model(name).name, "ready": True}
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="The model version is ready", responses=ERRORS)
-async def model_version_ready(request: Request, name: str, version: str) -> dict[str, Any]:
-    return {"name": _ready_model(request, name, version).name, "ready": True}
+async def model_version_ready(name: str, version: str, plane: DataPlaneDep) -> dict[str, Any]:
+    return {"name": plane.model(name, version).name, "ready": True}
 
 
 # ------------------------------------------------------------------------------------- inference
 
 
-@router.post(
-    "/models/{name}/infer",
-    summary="Inference",
-    description=INFER_DOC,
-    openapi_extra=INFER_BODY,
-    responses=INFER_ERRORS,
-    response_class=Response,
-)
-async def infer(request: Request, name: str) -> Response:
-    return await _infer(request, _ready_model(request, name))
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    summary="Inference on one model version",
-    description=INFER_DOC,
-    openapi_extra=INFER_BODY,
-    responses=INFER_ERRORS,
-    response_class=Response,
-)
-async def infer_version(request: Request, name: str, version: str) -> Response:
-    return await _infer(request, _ready_model(request, name, version))
-
-
-async def _infer(request: Request, model: Model) -> Response:
-    settings: Settings = request.app.state.settings
+async def infer(request: Request, _: Params) -> Response:
+    plane = get_dataplane(request)
+    model = plane.model(request.path_params["name"], request.path_params.get("version"))
+    settings = plane.settings
     # The body is parsed here, not by FastAPI: protocol errors are 400 {"error"}, never a 422.
     body = await read_body(request, settings.max_request_bytes)
-    # Parsing JSON tensors, decoding images and writing JSON outputs take CPU in proportion to the
-    # request: worker threads, so that the event loop (and the batcher) keep serving other requests.
     headers = request.headers
-    request_id, plans, batch = await run_in_threadpool(
-        _prepare,
-        body,
-        headers.get("content-encoding"),
-        headers.get("inference-header-content-length"),
-        model,
-        settings,
+    encoding = headers.get("content-encoding")
+    # Parsing JSON tensors and decoding images take CPU in proportion to the request: a worker thread,
+    # unless the body is small and not compressed (a compressed body may inflate to the request limit).
+    inline = len(body) <= settings.inline_decode_max_bytes and encoding in (None, "identity")
+    request_id, plans, tensor, files = await plane.off_loop(
+        _parse, body, encoding, headers.get("inference-header-content-length"), model, plane, inline=inline
     )
+    if files is not None:
+        batch = await plane.images(files)
+        if (failure := batch.first_failure()) is not None:
+            # Same status as /v1 gives the same file (400 undecodable, 413 too big, 415 not an image type).
+            raise ServiceError(f"input {model.input_name!r}: {failure.message}", failure.status_code)
+        tensor = batch.tensor
     wanted = {plan.name for plan in plans}
-    result = await request.app.state.batcher.run(batch, [n for n in model.output_names if n in wanted])
-    content, header_length = await run_in_threadpool(_encode, model, request_id, plans, result)
+    result = await plane.infer(model, tensor, [n for n in model.output_names if n in wanted])
+    small = sum(result[n].size for n in wanted) <= INLINE_OUTPUT_VALUES
+    content, header_length = await plane.off_loop(_encode, model, request_id, plans, result, inline=small)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -204,15 +166,17 @@ async def _infer(request: Request, model: Model) -> Response:
     )
 
 
-def _prepare(
-    body: bytes, encoding: str | None, header_length: str | None, model: Model, settings: Settings
-) -> tuple[str | None, list[OutputPlan], np.ndarray]:
-    """Body -> (request id, what to return, the model's float32 [N, 28, 28, 1] as /v1 would make it)."""
-    body = v2_types.decode_content(body, encoding, settings.max_request_bytes)
-    parsed = v2_types.parse_request(body, header_length)
-    plans = v2_types.plan_outputs(parsed.header, model.output_names, model.name)  # cheap checks first
+def _parse(
+    body: bytes, encoding: str | None, header_length: str | None, model: Model, plane: DataPlane
+) -> tuple[str | None, list[OutputPlan], np.ndarray, list[Upload] | None]:
+    """Body -> (request id, what to return, the model's float32 [N, 28, 28, 1] batch or, for BYTES,
+    the image files to decode)."""
+    settings = plane.settings
+    body = v2_codec.decode_content(body, encoding, settings.max_request_bytes)
+    parsed = v2_codec.parse_request(body, header_length)
+    plans = v2_codec.plan_outputs(parsed.header, model.output_names, model.name)  # cheap checks first
 
-    expected = model.card.input["name"]
+    expected = model.input_name
     if len(parsed.header.inputs) != 1:
         raise BadInput(f"expected exactly one input ({expected!r}), got {len(parsed.header.inputs)}")
     tensor, raw = parsed.header.inputs[0], parsed.raw[0]
@@ -226,7 +190,7 @@ def _prepare(
             f"{what} has datatype {tensor.datatype!r}; send FP32 values in [0, 1], UINT8 pixels, or BYTES image files"
         )
 
-    pixels = list(model.card.input["shape"][1:])  # [28, 28, 1]
+    pixels = list(model.card.input.shape[1:])  # [28, 28, 1]
     if tensor.datatype == "BYTES":
         shapes = "[N] or [N, 1]"
         shape_ok = len(tensor.shape) == 1 or tensor.shape[1:] == [1]
@@ -241,38 +205,48 @@ def _prepare(
     if rows > settings.max_batch_images:
         raise TooLarge(f"{what} holds {rows} images; the limit is {settings.max_batch_images}")
 
-    array = v2_types.decode_input(tensor, raw)
+    array = v2_codec.decode_input(tensor, raw)
+    if tensor.datatype == "BYTES":
+        return parsed.header.id, plans, array, [Upload(None, data) for data in array.ravel()]
     try:
-        if tensor.datatype == "BYTES":
-            batch = _decode_images(list(array.ravel()), limits(settings))
-        else:
-            batch = arrays.to_model_batch(array, settings.max_batch_images)  # uint8 / 255, float range check
+        batch = plane.array(array)  # uint8 / 255, float range check
     except ServiceError as exc:
         raise ServiceError(f"{what}: {exc.message}", exc.status_code) from None
-    return parsed.header.id, plans, batch
+    return parsed.header.id, plans, batch, None
 
 
 def _encode(
     model: Model, request_id: str | None, plans: list[OutputPlan], result: dict[str, np.ndarray]
 ) -> tuple[bytes, int | None]:
-    kinds = {o["name"]: o.get("kind") for o in model.card.outputs}
+    kinds = {o.name: o.kind for o in model.card.outputs}
     tensors = []
     for plan in plans:
         values = result[plan.name]
         if plan.classification:
             # Labels belong to the class probabilities; other outputs are ranked by index alone.
             labels = model.card.classes if kinds[plan.name] == "probabilities" else None
-            values = v2_types.classify(values, plan.classification, labels)
+            values = v2_codec.classify(values, plan.classification, labels)
         tensors.append(OutputTensor(plan.name, values, plan.binary))
-    return v2_types.encode_response(model.name, model.version, request_id, tensors)
+    return v2_codec.encode_response(model.name, model.version, request_id, tensors)
 
 
-def _decode_images(files: list[bytes], image_limits: imaging.ImageLimits) -> np.ndarray:
-    tensors = []
-    for index, data in enumerate(files):
-        try:
-            tensors.append(imaging.preprocess(data, image_limits))
-        except ServiceError as exc:
-            # Same status as /v1 gives the same file (400 undecodable, 413 too big, 415 not an image type).
-            raise ServiceError(f"element {index}: {exc.message}", exc.status_code) from None
-    return np.stack(tensors)
+ENDPOINTS = [
+    Endpoint(
+        "/v2/models/{name}/infer",
+        infer,
+        summary="Inference",
+        description=INFER_DOC,
+        request_body=INFER_BODY,
+        responses={200: {"description": "Outputs, as JSON or with binary tensor data"}, **INFER_ERRORS},
+        tags=["v2"],
+    ),
+    Endpoint(
+        "/v2/models/{name}/versions/{version}/infer",
+        infer,
+        summary="Inference on one model version",
+        description=INFER_DOC,
+        request_body=INFER_BODY,
+        responses={200: {"description": "Outputs, as JSON or with binary tensor data"}, **INFER_ERRORS},
+        tags=["v2"],
+    ),
+]

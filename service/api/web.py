@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from importlib import resources
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from service import imaging
-from service.api.classify import ERRORS, SINGLE_IMAGE_BODY, limits
-from service.api.deps import SettingsDep, get_model
+from service.api.deps import get_dataplane
+from service.api.endpoints import Endpoint, Params
+from service.api.rest import ERRORS, SINGLE_IMAGE_BODY
 from service.api.uploads import read_single_image
 from service.errors import NotFound
 
@@ -50,22 +52,24 @@ async def static(name: str) -> Response:
     return Response(_read(name), media_type=STATIC_TYPES[name], headers=SECURITY_HEADERS)
 
 
-@router.post(
-    "/v1/preprocess",
-    tags=["classify"],
-    summary="The preprocessed 28×28 input of one image, as a PNG",
-    description="Upload one image as for `/v1/predict`; returns the grayscale 28×28 PNG the model is given "
-    "(trimmed, scaled, centred, light garment on black).",
-    openapi_extra=SINGLE_IMAGE_BODY,
-    responses={200: {"content": {"image/png": {}}, "description": "28×28 grayscale PNG"}, **ERRORS},
-    response_class=Response,
-    dependencies=[Depends(get_model)],  # like the other /v1 routes: 503 until the model is ready
-)
-async def preprocess(request: Request, settings: SettingsDep) -> Response:
-    upload = await read_single_image(request, settings.max_image_bytes)
-    png = await run_in_threadpool(_input_png, upload.data, limits(settings))
+async def preprocess(request: Request, _: Params) -> Response:
+    plane = get_dataplane(request)
+    plane.model()  # like the other /v1 routes: 503 until the model is ready
+    upload = await read_single_image(request, plane.settings.max_image_bytes)
+    tensor = await plane.image(upload.data)
+    png = await plane.off_loop(imaging.input_png, tensor[0])
     return Response(png, media_type="image/png", headers={"Content-Disposition": 'inline; filename="input.png"'})
 
 
-def _input_png(data: bytes, image_limits: imaging.ImageLimits) -> bytes:
-    return imaging.input_png(imaging.preprocess(data, image_limits))
+ENDPOINTS = [
+    Endpoint(
+        "/v1/preprocess",
+        preprocess,
+        summary="The preprocessed 28×28 input of one image, as a PNG",
+        description="Upload one image as for `/v1/predict`; returns the grayscale 28×28 PNG the model is given "
+        "(trimmed, scaled, centred, light garment on black).",
+        request_body=SINGLE_IMAGE_BODY,
+        responses={200: {"content": {"image/png": {}}, "description": "28×28 grayscale PNG"}, **ERRORS},
+        tags=["classify"],
+    )
+]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from service.dataplane import top_k
 from service.errors import BadInput, TooLarge, UnsupportedMedia
 
 # V2 datatype -> numpy dtype, little-endian as the binary extension lays tensors out. BYTES (length-
@@ -284,14 +286,13 @@ def plan_outputs(request: InferRequest, available: list[str], model_name: str) -
     return plans
 
 
-def classify(values: np.ndarray, count: int, labels: list[str] | None = None) -> np.ndarray:
+def classify(values: np.ndarray, count: int, labels: Sequence[str] | None = None) -> np.ndarray:
     """Triton's classification extension: per row (first dimension) the `count` highest values as
     b"value:index[:label]", shape [N, min(count, values per row)]. Values are written as the shortest
     decimal that reads back to the same float32, so nothing is lost."""
     rows = values.reshape(len(values), -1)
-    k = min(count, rows.shape[1])
-    order = np.argsort(-rows, axis=1, kind="stable")[:, :k]  # ties keep index order, as classify.py
-    out = np.empty((len(rows), k), dtype=object)
+    order = top_k(rows, count)  # the same ranking as /v1's top_k
+    out = np.empty(order.shape, dtype=object)
     for r, c in np.ndindex(out.shape):
         index = int(order[r, c])
         score = np.format_float_positional(rows[r, index], unique=True, trim="-")

@@ -38,6 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.schemas import ErrorBody
+from service.errors import error_body
 
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.middleware")
@@ -80,7 +81,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 async def send_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
     """The service's one error shape, {"error": "..."}, written straight to ASGI."""
-    body = json.dumps({"error": message}).encode()
+    body = error_body(message)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -1,0 +1,141 @@
+"""What scores the inputs: the model in this process (the server's own decoding and Model.run, no HTTP,
+no batcher) or a running server's /v1/predict/batch."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from scoring import InputError
+from service import arrays, imaging
+from service.dataplane import Upload, decode_images
+from service.errors import ModelLoadError, ServiceError
+from service.model import Model
+
+
+class Engine(Protocol):
+    classes: list[str]
+    description: str
+
+    def score_images(self, paths: list[Path]) -> list[np.ndarray | str]:
+        """Probabilities [classes] or an error message, per path."""
+        ...
+
+    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+        """Probabilities [n, classes] of raw array rows; raises InputError for the whole chunk."""
+        ...
+
+
+def unreadable(exc: OSError) -> str:
+    return f"cannot read file: {exc.strerror or exc}"
+
+
+class LocalEngine:
+    """A loaded Model: images decoded as the server decodes uploads, each batch one Model.run."""
+
+    def __init__(self, model: Model) -> None:
+        if not model.lean_outputs:
+            raise ModelLoadError(f"model {model.name} version {model.version}: its card lists no probabilities output")
+        self.model = model
+        self.classes = list(model.card.classes)
+        self.limits = imaging.ImageLimits()  # the server's defaults
+        self.description = f"{model.name} version {model.version} on {', '.join(model.providers_in_use)}"
+
+    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
+        return self.model.run(batch, self.model.lean_outputs)[self.model.lean_outputs[0]]
+
+    def score_images(self, paths: list[Path]) -> list[np.ndarray | str]:
+        results: list[np.ndarray | str | None] = []
+        uploads: list[Upload] = []
+        for path in paths:
+            try:
+                uploads.append(Upload(path.name, path.read_bytes()))
+                results.append(None)
+            except OSError as exc:
+                results.append(unreadable(exc))
+        batch = decode_images(uploads, self.limits)
+        scored = iter(self._probabilities(batch.tensor)) if len(batch.tensor) else iter(())
+        decoded = (batch.failures[i].message if i in batch.failures else next(scored) for i in range(len(batch)))
+        return [next(decoded) if r is None else r for r in results]
+
+    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+        try:
+            batch = arrays.to_model_batch(chunk, len(chunk))
+        except ServiceError as exc:
+            raise InputError(exc.message) from None
+        return self._probabilities(batch)
+
+
+class RemoteEngine:
+    """POST /v1/predict/batch: images as repeated multipart `files`, array rows as one .npy body."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        info = self._request("GET", "/v1/models")["models"][0]
+        self.classes = list(info["classes"])
+        self.description = f"{info['name']} version {info['version']} at {self.url}"
+
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> Any:
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers=self.headers)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            # Every error from the service is {"error": "..."}; anything else is reported as it is.
+            text = exc.read().decode(errors="replace")
+            try:
+                message = json.loads(text)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = text.strip()[:200] or exc.reason
+            raise InputError(f"server answered {exc.code}: {message}") from None
+
+    def score_images(self, paths: list[Path]) -> list[np.ndarray | str]:
+        boundary = uuid.uuid4().hex
+        parts: list[bytes] = []
+        results: list[np.ndarray | str | None] = []
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                results.append(unreadable(exc))
+                continue
+            results.append(None)
+            filename = re.sub(r"[^\w.-]", "_", path.name)  # only echoed back; keep the header simple
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n".encode()
+                + data
+                + b"\r\n"
+            )
+        if parts:
+            body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+            try:
+                content_type = f"multipart/form-data; boundary={boundary}"
+                answer = self._request("POST", "/v1/predict/batch", body, content_type)["results"]
+                sent: Iterator[np.ndarray | str] = (
+                    item["error"] if item.get("error") else np.asarray(item["probabilities"], np.float32)
+                    for item in answer
+                )
+            except InputError as exc:  # the request as a whole was refused: every image in it failed
+                sent = iter([str(exc)] * len(parts))
+            results = [next(sent) if r is None else r for r in results]
+        return [r for r in results if r is not None]
+
+    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        np.save(buffer, chunk, allow_pickle=False)
+        answer = self._request("POST", "/v1/predict/batch", buffer.getvalue(), "application/x-npy")["results"]
+        return np.asarray([item["probabilities"] for item in answer], np.float32)
