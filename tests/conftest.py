@@ -1,40 +1,85 @@
-"""Shared fixtures: the real committed model, the real test set, the app in-process and as a real
-uvicorn process on a free port."""
+"""Shared fixtures (the real test set, onnxruntime on the committed model) and the tiers.
+
+Each folder under tests/ is one tier, and every test in it gets that tier's marker (registered and described
+in pyproject.toml): `pytest -m unit` runs tests/unit, `pytest -m "not container"` everything but Docker.
+A test file outside the tier folders is an error. With -m, a tier folder whose marker rules all its tests
+out is not even imported (tests/training would import TensorFlow only to be deselected). Helpers that are
+not fixtures are in tests/support.py.
+"""
 
 from __future__ import annotations
 
-import io
-import os
-import socket
-import struct
-import subprocess
-import sys
-import tempfile
-import time
-import zlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-import numpy as np
 import onnxruntime as ort
 import pytest
-from fastapi.testclient import TestClient
-from PIL import Image
 
-from service.app import create_app
-from service.settings import Settings
+from tests.support import model_folder
 from training.data import Split, load_test
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS = Path(os.environ.get("TEST_MODELS", ROOT / "models"))
-MODEL_NAME = "fashion-mnist-cnn"
+TIERS = ("unit", "app", "process", "container", "training")
+HERE = Path(__file__).resolve().parent
 
 
-def model_folder() -> Path:
-    from service.model import locate
+def tier_of(path: Path) -> str | None:
+    """The tier folder `path` is in; None for anything not under tests/."""
+    try:
+        parts = path.resolve().relative_to(HERE).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 else ""
 
-    return locate(MODELS, None if "TEST_MODELS" in os.environ else MODEL_NAME, None)
+
+def could_match(expression: str, tier: str) -> bool:
+    """Whether a test in `tier` could satisfy the -m `expression`, whatever its other markers are."""
+    try:
+        from _pytest.mark.expression import Expression  # pytest's own parser; private, hence the fallback
+
+        compiled = Expression.compile(expression)
+    except Exception:
+        return True  # collect as usual: pytest reports a bad expression itself
+    others: list[tuple[str, tuple[tuple[str, object], ...]]] = []  # other markers the expression asks about
+
+    def matcher(assignment: dict[tuple[str, tuple[tuple[str, object], ...]], bool]) -> Callable[..., bool]:
+        def match(name: str, /, **kwargs: object) -> bool:
+            if name in TIERS and not kwargs:
+                return name == tier
+            key = (name, tuple(sorted(kwargs.items())))
+            if key not in assignment and key not in others:
+                others.append(key)
+            return assignment.get(key, False)
+
+        return match
+
+    while len(others) <= 8:  # every combination of the other markers found so far
+        known = len(others)
+        for values in itertools.product((False, True), repeat=known):
+            if compiled.evaluate(matcher(dict(zip(others, values, strict=True)))):
+                return True
+        if len(others) == known:
+            return False
+    return True
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    expression = config.getoption("markexpr")
+    if not expression or collection_path.parent != HERE or collection_path.name not in TIERS:
+        return None
+    return None if could_match(expression, collection_path.name) else True
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            continue
+        if tier not in TIERS:
+            folders = ", ".join(f"tests/{t}/" for t in TIERS)
+            raise pytest.UsageError(f"{item.nodeid}: every test belongs in one tier folder: {folders}")
+        item.add_marker(tier)
 
 
 @pytest.fixture(scope="session")
@@ -46,97 +91,3 @@ def test_split() -> Split:
 def reference_session() -> ort.InferenceSession:
     """onnxruntime run directly on the committed model: what every answer must equal."""
     return ort.InferenceSession(str(model_folder() / "model.onnx"), providers=["CPUExecutionProvider"])
-
-
-def reference_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
-    x = (images.astype(np.float32) / 255.0)[..., None]
-    return session.run(["probabilities"], {"image": x})[0]
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    """One PNG chunk: length, type, body, CRC."""
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def make_settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"models": MODELS, "providers": ["cpu"]}
-    if "TEST_MODELS" not in os.environ:
-        values["model"] = MODEL_NAME
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="session")
-def client() -> Iterator[TestClient]:
-    """The app in-process, model loaded through its real lifespan; shared by read-only tests."""
-    with TestClient(create_app(make_settings()), raise_server_exceptions=False) as c:
-        yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> float:
-    """Poll /readyz until 200; returns the seconds it took."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
-                return time.perf_counter() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
-
-
-def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m service` on a free port; its output goes to a temporary file (a pipe nobody reads
-    would fill up and stall the server after a few hundred access-log lines)."""
-    port = free_port()
-    # One worker unless a test asks for more: tests count requests, in-flight slots and log lines per process.
-    full_env = {**os.environ, "FASHION_SERVE_WORKERS": "1", **(env or {})}
-    command = [sys.executable, "-m", "service", "--port", str(port), "--models", str(MODELS), *args]
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop_server
-    process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    process.log = log  # type: ignore[attr-defined]
-    return process, f"http://127.0.0.1:{port}"
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> str:
-    """Stop it and return what it printed."""
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    log = getattr(process, "log", None)
-    if log is None:
-        return process.stdout.read().decode(errors="replace") if process.stdout else ""
-    log.seek(0)
-    text = log.read().decode(errors="replace")
-    log.close()
-    return text
-
-
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[str]:
-    """A real `python -m service` process on a free port, polled until ready."""
-    extra = [] if "TEST_MODELS" in os.environ else ["--model", MODEL_NAME]
-    process, url = start_server(*extra)
-    try:
-        wait_ready(url, process)
-        yield url
-    finally:
-        stop_server(process)

@@ -1,25 +1,20 @@
 """The adaptive batcher: gathering under concurrency, limits, cancellation, failures, shutdown, and
-exact equality with unbatched inference on the real model."""
+exact equality with unbatched inference on the real model. Behind the app: tests/app/test_batching_http.py."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import httpx
 import numpy as np
 import pytest
 
-from service.app import create_app
 from service.batching import Batcher
 from service.errors import NotFound
 from service.model import Model
-from tests.conftest import make_settings, model_folder, png_bytes, reference_probabilities
-
-T = TypeVar("T")
-LIMIT = 10.0  # seconds: every wait in these tests is bounded by this
+from tests.support import LIMIT, model_folder
+from tests.support import run_bounded as run
 
 
 class GatedModel:
@@ -70,13 +65,6 @@ def batcher_for(model: GatedModel | Model, **kwargs: Any) -> tuple[Batcher, list
     sizes: list[int] = []
     batcher.observers.append(lambda size, queued, seconds: sizes.append(size))
     return batcher, sizes
-
-
-def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(main(), LIMIT)
-
-    return asyncio.run(bounded())
 
 
 async def until_running(model: GatedModel) -> None:
@@ -355,75 +343,3 @@ def test_batched_results_equal_unbatched_exactly(model: Model, test_split) -> No
         assert set(got) == ({"probabilities"} if i % 7 else set(model.output_names))
         for name, values in got.items():
             np.testing.assert_array_equal(values, want[name], err_msg=f"image {i}, output {name}")
-
-
-def test_concurrent_http_requests_share_session_runs(test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
-    app = create_app(make_settings(batch_max_size=16, batch_max_delay_ms=0))
-    pictures = test_split.images[:48]
-    want = reference_probabilities(reference_session, pictures)
-
-    async def main() -> tuple[list[httpx.Response], Batcher]:
-        async with app.router.lifespan_context(app):
-            batcher: Batcher = app.state.batcher
-            sizes: list[int] = []
-            batcher.observers.append(lambda size, queued, seconds: sizes.append(size))
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                calls: list[Awaitable[httpx.Response]] = [
-                    client.post("/v1/predict", files={"file": ("x.png", png_bytes(p), "image/png")}) for p in pictures
-                ]
-                responses = await asyncio.gather(*calls)
-            assert max(sizes) > 1 and max(sizes) <= 16, sizes
-            return responses, batcher
-
-    responses, batcher = run(main)
-    assert batcher.stats.batches < len(pictures)
-    for response, probabilities in zip(responses, want, strict=True):
-        assert response.status_code == 200, response.text
-        assert response.json()["probabilities"] == probabilities.tolist()
-
-
-# ---- the request path in front of the batcher ----------------------------------------------------
-
-
-def test_direct_path_answers_exactly_as_fastapis_own_handler(test_split, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """classify.DirectPath serves /v1/predict and /v1/predict/batch straight from ASGI, without the
-    router or FastAPI's dependency and parameter machinery; with a dependency override present FastAPI's
-    own handler serves. Both must give the same bytes, errors included."""
-    from fastapi.testclient import TestClient
-
-    from service.api import classify
-    from service.api.deps import get_model, get_settings
-
-    direct_calls = []  # the direct handlers look the model up themselves; FastAPI's handler never calls this
-
-    def counted_get_model(request: Any) -> Model:
-        direct_calls.append(request.url.path)
-        return get_model(request)
-
-    monkeypatch.setattr(classify, "get_model", counted_get_model)
-    pngs = [png_bytes(p) for p in test_split.images[:3]]
-    cases: list[tuple[str, dict[str, Any]]] = [
-        ("/v1/predict", {"files": {"file": ("a.png", pngs[0], "image/png")}}),
-        ("/v1/predict?top_k=10&feature_maps=true", {"files": {"file": ("a.png", pngs[1])}}),
-        ("/v1/predict?top_k=0&feature_maps=perhaps", {"files": {"file": ("a.png", pngs[1])}}),
-        ("/v1/predict", {"content": pngs[2], "headers": {"content-type": "image/png"}}),
-        ("/v1/predict", {"files": {"other": ("a.png", pngs[0])}}),
-        ("/v1/predict/batch?top_k=2", {"files": [("files", (f"{i}.png", p)) for i, p in enumerate(pngs)]}),
-        ("/v1/predict/batch?top_k=lots", {"files": [("files", ("x.png", pngs[0]))]}),
-        ("/v1/predict/batch", {"files": [("files", ("é.png", pngs[0])), ("files", ("bad.png", b"junk"))]}),
-    ]
-    app = create_app(make_settings())
-    with TestClient(app) as client:
-        direct = [client.post(path, **kwargs) for path, kwargs in cases]
-        assert len(direct_calls) == len(cases)
-        app.dependency_overrides[get_settings] = get_settings  # any override: FastAPI's handler serves
-        standard = [client.post(path, **kwargs) for path, kwargs in cases]
-        assert len(direct_calls) == len(cases)
-    for (path, _), a, b in zip(cases, direct, standard, strict=True):
-        assert (a.status_code, a.headers["content-type"], a.content) == (
-            b.status_code,
-            b.headers["content-type"],
-            b.content,
-        ), path
-    assert [r.status_code for r in direct] == [200, 200, 422, 200, 400, 200, 422, 200]

@@ -1,4 +1,5 @@
-"""`python -m service` as a user starts it: a real uvicorn process on a free port."""
+"""`python -m service` as a user starts it: a real uvicorn process on a free port, its workers and supervisor,
+and its one-line failures."""
 
 from __future__ import annotations
 
@@ -14,14 +15,13 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import (
+from tests.support import (
     MODELS,
     ROOT,
     model_folder,
     png_bytes,
     reference_probabilities,
     start_server,
-    stop_server,
     wait_ready,
 )
 
@@ -54,33 +54,26 @@ def test_live_server_answers_real_requests(live_server: str, test_split, referen
         assert http.get("/readyz").status_code == 200
 
 
-def test_serves_where_tensorflow_cannot_be_imported(test_split) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import free_port
-
-    port = free_port()
-    args = ["--port", str(port), "--models", str(MODELS), "--model", model_folder().parent.name]
-    process = subprocess.Popen(
-        [sys.executable, "-c", BLOCK_TENSORFLOW, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "FASHION_SERVE_WORKERS": "1"},  # spawned workers would not inherit the block
-    )
-    url = f"http://127.0.0.1:{port}"
+def test_serves_where_tensorflow_cannot_be_imported(tmp_path: Path, test_split) -> None:  # type: ignore[no-untyped-def]
+    # One worker (start_server's default): spawned workers would not inherit the block.
+    server = start_server(tmp_path, "--model", model_folder().parent.name, launcher=BLOCK_TENSORFLOW)
+    process, url = server.process, server.url
     try:
         wait_ready(url, process)
         response = httpx.post(url + "/v1/predict", files={"file": ("x.png", png_bytes(test_split.images[0]))})
         assert response.status_code == 200 and response.json()["label"]
     finally:
-        log = stop_server(process)
+        server.stop()
+        log = server.output()
     assert "tensorflow is blocked" not in log
 
 
-def test_flags_reach_the_running_server() -> None:
+def test_flags_reach_the_running_server(tmp_path: Path) -> None:
     """Command-line flags reach the server. How fast it gets ready is a benchmark figure (`python -m bench`
     reports it beside the plain wrapper's), not an assertion: this machine's start time varies 1.2-2.7 s."""
     name = model_folder().parent.name
-    process, url = start_server("--model", name, "--providers", "cpu", "--intra-op-threads", "1")
+    server = start_server(tmp_path, "--model", name, "--providers", "cpu", "--intra-op-threads", "1")
+    process, url = server.process, server.url
     try:
         seconds = wait_ready(url, process, timeout=30)
         print(f"ready after {seconds:.2f} s")
@@ -90,7 +83,7 @@ def test_flags_reach_the_running_server() -> None:
         providers = httpx.get(url + "/v1/models").json()["models"][0]["providers"]
         assert providers["requested"] == ["cpu"]
     finally:
-        stop_server(process)
+        server.stop()
 
 
 def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -105,47 +98,11 @@ def _run_service(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
     )
 
 
-def test_default_workers_are_one_per_usable_core(tmp_path: Path) -> None:
-    from service.settings import Settings, usable_cores, worker_count
-
-    affinity = len(os.sched_getaffinity(0))
-    assert worker_count(Settings(workers=0)) == usable_cores() >= 1
-    assert worker_count(Settings(workers=3)) == 3
-    cpu_max = tmp_path / "cpu.max"
-    assert usable_cores(cpu_max) == affinity  # no cgroup file: the affinity mask
-    cpu_max.write_text("max 100000\n")
-    assert usable_cores(cpu_max) == affinity
-    cpu_max.write_text("150000 100000\n")  # docker --cpus 1.5
-    assert usable_cores(cpu_max) == min(affinity, 2)
-    cpu_max.write_text("50000 100000\n")
-    assert usable_cores(cpu_max) == 1
-
-
-def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-
-    monkeypatch.setenv("FASHION_SERVE_PORT", "9001")
-    monkeypatch.setenv("fashion_serve_workers", "3")  # names in any case, as pydantic-settings read them
-    monkeypatch.setenv("FASHION_SERVE_PROVIDERS", "CUDA, cpu")  # comma-separated, not JSON
-    monkeypatch.setenv("FASHION_SERVE_API_KEY", "k1,k2")
-    monkeypatch.setenv("FASHION_SERVE_NO_SUCH_SETTING", "x")  # ignored, as before
-    settings = Settings(port=9002)
-    assert settings.port == 9002  # arguments over the environment
-    assert settings.workers == 3 and settings.providers == ["cuda", "cpu"]
-    assert settings.api_key is not None and settings.api_key.get_secret_value() == "k1,k2"
-    assert Settings().port == 9001
-    monkeypatch.setenv("FASHION_SERVE_BATCH_MAX_SIZE", "0")
-    with pytest.raises(ValidationError) as caught:
-        Settings()
-    assert caught.value.errors()[0]["loc"] == ("batch_max_size",)
-
-
-def test_two_workers_serve_and_share_their_metrics(test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_serve_and_share_their_metrics(tmp_path: Path, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
     """The shipped default on two cores: a supervisor and two worker processes, each with its own session;
     /metrics adds up every worker's counts, whichever worker answers the scrape; SIGTERM stops all, exit 0."""
-    process, url = start_server("--workers", "2", "--providers", "cpu")
+    server = start_server(tmp_path, "--workers", "2", "--providers", "cpu")
+    process, url = server.process, server.url
     images = test_split.images[:40]
     want = reference_probabilities(reference_session, images)
     try:
@@ -163,7 +120,7 @@ def test_two_workers_serve_and_share_their_metrics(test_split, reference_session
             counts = re.findall(r'http_requests_total\{method="POST",route="/v1/predict",status="200"\} (\S+)', text)
             assert [float(c) for c in counts] == [40.0], counts
     finally:
-        stop_server(process)
+        server.stop()
     assert process.returncode == 0
 
 

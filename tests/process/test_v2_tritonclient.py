@@ -13,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import png_bytes, reference_probabilities
+from tests.support import png_bytes, reference_probabilities
 from training.data import Split
 
 N = 4

@@ -1,237 +1,55 @@
 """Hardening against a REAL server process: a corpus of bad and odd inputs on every endpoint (REST and V2),
-the API key, request ids and JSON access logs, overload (503 + Retry-After) and request timeouts (504).
-Unit tests of service/middleware.py on a tiny ASGI app come last.
+then the API key, request ids and JSON access logs on the same server, after the corpus (the log checks
+cover every line the corpus made).
 
 Every invalid request must get a 4xx with JSON {"error": str}; every odd-but-valid one a 200; none a 5xx;
 and the server must still answer afterwards. The server's stdout (JSON access log) and stderr go to files,
 never a pipe that nobody reads (a full pipe would stall the server).
+
+Overload and timeouts are in test_overload.py, the middleware's unit tests in tests/unit/test_middleware.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
-import hmac
 import io
 import json
-import logging
-import os
 import random
 import re
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from PIL import Image, ImageDraw
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
-from starlette.routing import Route
+from PIL import Image
 
-from service import middleware
-from service.app import create_app
-from service.errors import ModelLoadError
-from service.settings import Settings
-from tests.conftest import MODEL_NAME, MODELS, ROOT, free_port, make_settings, model_folder, png_chunk, wait_ready
-
-# ------------------------------------------------------------------------------------ the server
-
-# Until create_app and __main__ wire the middleware and its settings, the server is started through
-# this launcher, which adds the middleware itself from the same FASHION_SERVE_* variables; once they are
-# wired (Settings has shutdown_grace_s), tests start `python -m service` itself.
-LAUNCHER = """
-import os
-import signal
-import uvicorn
-from service.app import create_app
-from service.middleware import configure_access_log, install_middleware
-from service.settings import Settings
-
-env = os.environ.get
-settings = Settings()
-configure_access_log(settings.log_level.upper())
-app = create_app(settings)
-install_middleware(  # a no-op when create_app has installed it already
-    app,
-    api_keys=env("FASHION_SERVE_API_KEY"),
-    max_in_flight=int(env("FASHION_SERVE_MAX_IN_FLIGHT", "256")),
-    request_timeout_s=float(env("FASHION_SERVE_REQUEST_TIMEOUT_S", "30")),
+from tests.support import (
+    BATCH,
+    INFER,
+    LIMITS,
+    MAPS,
+    MODEL,
+    PREDICT,
+    VERSION,
+    Server,
+    encoded,
+    garment,
+    good_png,
+    png_chunk,
+    raw_request,
+    running_server,
+    uint8_input,
+    v2,
 )
-# uvicorn re-raises SIGTERM once its graceful shutdown is done; this handler takes it: exit status 0.
-signal.signal(signal.SIGTERM, lambda *_: None)
-uvicorn.run(
-    app,
-    host=settings.host,
-    port=settings.port,
-    log_level=settings.log_level,
-    access_log=False,
-    timeout_graceful_shutdown=int(float(env("FASHION_SERVE_SHUTDOWN_GRACE_S", "30"))),
-)
-"""
-WIRED = "shutdown_grace_s" in Settings.model_fields
-
-
-def served_model() -> tuple[str, str]:
-    """The name and version a server on MODELS serves, for the paths below (known at collection time)."""
-    try:
-        folder = model_folder()
-    except ModelLoadError:  # no model: collection goes on, and the server tests fail with the reason
-        return MODEL_NAME, "1"
-    return folder.parent.name, folder.name
-
-
-MODEL, VERSION = served_model()
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    stdout: Path
-    stderr: Path
-
-    def access_log(self) -> list[dict[str, Any]]:
-        """The JSON access log lines written so far (stdout may also hold other output)."""
-        records = []
-        for line in self.stdout.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and "request_id" in record:
-                records.append(record)
-        return records
-
-    def wait_for_log(self, request_ids: set[str], timeout: float = 5.0) -> dict[str, dict[str, Any]]:
-        """The access log lines of these ids; the line is written just after the response is sent."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = {r["request_id"]: r for r in self.access_log() if r["request_id"] in request_ids}
-            if len(found) == len(request_ids) or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
-
-    def errors(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def rss_kib(self, field_name: str = "VmRSS") -> int:
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        match = re.search(rf"^{field_name}:\s+(\d+) kB", status, re.M)
-        assert match, status
-        return int(match.group(1))
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_server(folder: Path, **settings: object) -> Server:
-    """A real server on a free 127.0.0.1 port; `settings` become FASHION_SERVE_* variables."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "FASHION_SERVE_HOST": "127.0.0.1",
-        "FASHION_SERVE_PORT": str(port),
-        "FASHION_SERVE_MODELS": str(MODELS),
-        "FASHION_SERVE_PROVIDERS": "cpu",
-        "FASHION_SERVE_LOG_LEVEL": "info",
-        "FASHION_SERVE_WORKERS": "1",  # in-flight limits and access-log lines are per process
-    }
-    if "TEST_MODELS" not in os.environ:
-        env["FASHION_SERVE_MODEL"] = MODEL_NAME
-    env |= {f"FASHION_SERVE_{k.upper()}": str(v) for k, v in settings.items()}
-    command = [sys.executable, "-m", "service"] if WIRED else [sys.executable, "-c", LAUNCHER]
-    folder.mkdir(parents=True, exist_ok=True)
-    stdout, stderr = folder / "stdout.log", folder / "stderr.log"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-    return Server(process, f"http://127.0.0.1:{port}", stdout, stderr)
-
-
-@contextmanager
-def running_server(folder: Path, **settings: object) -> Iterator[Server]:
-    server = start_server(folder, **settings)
-    try:
-        try:
-            wait_ready(server.url, server.process, timeout=60)
-        except (RuntimeError, TimeoutError):
-            raise RuntimeError(f"server did not start:\n{server.errors()[-3000:]}") from None
-        yield server
-    finally:
-        server.stop()
-
-
-def raw_request(url: str, data: bytes, timeout: float = 10.0, pause_after: float = 0.0) -> tuple[int, bytes, bytes]:
-    """Bytes straight onto a socket, for what httpx will not send (dot segments, broken framing).
-    Returns (status, head, body); status 0 when the server closed without answering."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(data)
-        if pause_after:
-            time.sleep(pause_after)
-        received = b""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except (ConnectionResetError, TimeoutError):
-                break
-            if not chunk:
-                break
-            received += chunk
-            head, sep, body = received.partition(b"\r\n\r\n")
-            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-            if sep and length and len(body) >= int(length.group(1)):
-                break
-    head, _, body = received.partition(b"\r\n\r\n")
-    status = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return (int(status.group(1)) if status else 0), head, body
-
 
 # ------------------------------------------------------------------------------------- the inputs
-
-
-def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def garment(size: tuple[int, int] = (28, 28), mode: str = "L") -> Image.Image:
-    """A light shape on black, in the data set's form (any size and mode)."""
-    image = Image.new("L", size, 0)
-    w, h = size
-    ImageDraw.Draw(image).rectangle((w // 4, h // 6, 3 * w // 4, 5 * h // 6), fill=220)
-    return image.convert(mode) if mode != "L" else image
-
-
-@cache
-def good_png() -> bytes:
-    return encoded(garment(), "PNG")
 
 
 @cache
@@ -377,15 +195,6 @@ def chunks(data: bytes, size: int = 1000) -> Iterator[bytes]:
         yield data[start : start + size]
 
 
-def v2(inputs: list[dict[str, Any]], **extra: Any) -> bytes:
-    return json.dumps({"inputs": inputs, **extra}).encode()
-
-
-def uint8_input(rows: int = 1, **overrides: Any) -> dict[str, Any]:
-    tensor: dict[str, Any] = {"name": "image", "datatype": "UINT8", "shape": [rows, 28, 28], "data": [0] * (784 * rows)}
-    return tensor | overrides
-
-
 def binary_v2(header: dict[str, Any], blob: bytes, declared_length: int | None = None) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(header).encode()
     length = len(head) if declared_length is None else declared_length
@@ -403,8 +212,7 @@ def nested(depth: int) -> bytes:
 
 # -------------------------------------------------------------------------------------- the corpus
 
-# The server's limits are lowered so that the oversize cases stay small on the wire.
-LIMITS = {"max_image_bytes": 1_000_000, "max_request_bytes": 3_000_000, "max_batch_images": 16}
+# The server's limits are lowered (LIMITS) so that the oversize cases stay small on the wire.
 API_KEYS = ("corpus-key-0123456789", "second-key-abcdef")
 
 
@@ -422,8 +230,6 @@ class Case:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-PREDICT, BATCH, MAPS = "/v1/predict", "/v1/predict/batch", "/v1/feature-maps"
-INFER = f"/v2/models/{MODEL}/infer"
 Make = Callable[[], bytes | Iterator[bytes]]
 
 
@@ -806,32 +612,6 @@ def test_api_key_required_with_the_error_shape(hardened: Server) -> None:
             assert anonymous.get(path).status_code == 401, path
 
 
-def test_api_key_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[bytes, bytes]] = []
-    real = hmac.compare_digest
-
-    def spy(a: bytes, b: bytes) -> bool:
-        calls.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(middleware.hmac, "compare_digest", spy)
-    app = tiny_app()
-    middleware.install_middleware(app, api_keys="k-one, k-two")
-    with TestClient(app) as client:
-        assert client.get("/fast", headers={"X-API-Key": "k-two"}).status_code == 200
-        # Every key is tried, on digests of equal length, whichever matches.
-        assert len(calls) == 2 and all(len(a) == len(b) == 32 for a, b in calls)
-        assert client.get("/fast", headers={"X-API-Key": "k-three"}).status_code == 401
-
-
-def test_no_key_configured_means_open() -> None:
-    for value in (None, "", " , "):
-        app = tiny_app()
-        middleware.install_middleware(app, api_keys=value)
-        with TestClient(app) as client:
-            assert client.get("/fast").status_code == 200
-
-
 # ---------------------------------------------------------------------------- request ids, logs
 
 
@@ -864,250 +644,3 @@ def test_request_id_echo_and_json_access_log(hardened: Server, http: httpx.Clien
     for marker in ("PNG\r\n", "IHDR", "IDAT", base64.b64encode(png[:30]).decode()[:20], "\\u0089PNG"):
         assert marker not in everything, marker
     assert all(len(line) < 4000 for line in hardened.stdout.read_text(errors="replace").splitlines())
-
-
-# --------------------------------------------------------------------------- overload and timeouts
-
-
-def photo_batch(count: int, size: int = 160) -> list[tuple[str, Any]]:
-    """Large RGB photos (light background): each needs real decoding and resizing work."""
-    rng = np.random.default_rng(1)
-    files = []
-    for i in range(count):
-        pixels = np.full((size, size, 3), 235, np.uint8)
-        pixels[20:140, 40:120] = rng.integers(0, 120, (120, 80, 3), np.uint8)
-        files.append(("files", (f"{i}.jpg", encoded(Image.fromarray(pixels), "JPEG", quality=95), "image/jpeg")))
-    return files
-
-
-@pytest.fixture(scope="module")
-def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Two requests in flight at most, and a four-second time limit."""
-    with running_server(tmp_path_factory.mktemp("tight"), max_in_flight=2, request_timeout_s=4) as server:
-        yield server
-
-
-def test_overload_sheds_with_503_and_retry_after(tight: Server) -> None:
-    files = photo_batch(16)
-    clients, statuses, latencies = 16, [], []
-
-    async def one(client: httpx.AsyncClient) -> None:
-        start = time.perf_counter()
-        response = await client.post(BATCH, files=files)
-        latencies.append(time.perf_counter() - start)
-        statuses.append(response.status_code)
-        if response.status_code == 503:
-            assert response.headers["retry-after"] == "1"
-            assert response.json() == {"error": "server overloaded, retry later"}
-        else:
-            assert response.status_code == 200, response.text[:300]
-
-    async def main() -> float:
-        limits = httpx.Limits(max_connections=clients + 4)
-        async with httpx.AsyncClient(base_url=tight.url, timeout=60, limits=limits) as client:
-            load = [asyncio.create_task(one(client)) for _ in range(clients)]
-            await asyncio.sleep(0.05)
-            start = time.perf_counter()
-            health = await client.get("/healthz")  # exempt: answered even while shedding
-            health_seconds = time.perf_counter() - start
-            assert health.status_code == 200
-            await asyncio.gather(*load)
-            return health_seconds
-
-    health_seconds = asyncio.run(main())
-    shed, served = statuses.count(503), statuses.count(200)
-    print(
-        f"overload: {clients} concurrent batches of 16 photos, max_in_flight=2: {served} served, {shed} shed (503); "
-        f"latency max {max(latencies):.2f} s; /healthz during the load {health_seconds * 1000:.0f} ms"
-    )
-    assert shed >= 1 and served >= 2 and shed + served == clients
-    assert max(latencies) < 30  # bounded: shed requests are answered at once, not queued
-    assert httpx.post(tight.url + BATCH, files=files[:2], timeout=30).status_code == 200
-
-
-def test_request_timeout_gives_504_and_server_recovers(tight: Server) -> None:
-    # A client that stops sending its body: the handler waits on it, and the limit cancels the wait.
-    head = (
-        b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n"
-        b"X-Request-ID: slow-1\r\n\r\n"
-    )
-    start = time.perf_counter()
-    status, _, body = raw_request(tight.url, head + good_png()[:50], timeout=15)
-    seconds = time.perf_counter() - start
-    print(f"timeout: 504 after {seconds:.2f} s (limit 4 s)")
-    assert status == 504 and "longer than 4 s" in json.loads(body)["error"]
-    assert 3.9 <= seconds < 12
-    assert tight.wait_for_log({"slow-1"})["slow-1"]["status"] == 504
-    response = httpx.post(tight.url + PREDICT, content=good_png(), headers={"Content-Type": "image/png"}, timeout=10)
-    assert response.status_code == 200
-
-
-def test_timeout_cancels_a_batcher_caller_and_the_batcher_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process: the model made slow, a request past the limit gets 504 while its batch still runs;
-    the batcher skips the abandoned future and serves the next request."""
-    app = create_app(make_settings(request_timeout_s=0.3))  # wired: create_app installs it from the setting
-    middleware.install_middleware(app, request_timeout_s=0.3)  # not wired yet: installed here
-    with TestClient(app, raise_server_exceptions=False) as client:
-        model = app.state.model
-        real_run = model.run
-
-        def slow_run(*args: Any, **kwargs: Any) -> Any:
-            time.sleep(0.8)
-            return real_run(*args, **kwargs)
-
-        monkeypatch.setattr(model, "run", slow_run)
-        timed_out = client.post(PREDICT, content=good_png(), headers={"Content-Type": "image/png"})
-        assert timed_out.status_code == 504 and "error" in timed_out.json()
-        monkeypatch.setattr(model, "run", real_run)
-        time.sleep(0.8)  # the abandoned batch finishes in its thread
-        assert client.post(PREDICT, content=good_png(), headers={"Content-Type": "image/png"}).status_code == 200
-
-
-# ------------------------------------------------------------------- middleware on a tiny ASGI app
-
-RELEASE: asyncio.Event | None = None
-
-
-def tiny_app() -> Starlette:
-    async def fast(_: Request) -> PlainTextResponse:
-        return PlainTextResponse("ok")
-
-    async def held(_: Request) -> PlainTextResponse:
-        assert RELEASE is not None
-        await RELEASE.wait()
-        return PlainTextResponse("released")
-
-    async def sleepy(request: Request) -> PlainTextResponse:
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            request.app.state.cancelled = True
-            raise
-        return PlainTextResponse("too late")
-
-    async def boom(_: Request) -> PlainTextResponse:
-        raise TimeoutError("the app's own timeout")
-
-    async def state(request: Request) -> JSONResponse:
-        return JSONResponse({"request_id": request.state.request_id})
-
-    routes = [Route(p, f) for p, f in (("/fast", fast), ("/held", held), ("/sleepy", sleepy), ("/boom", boom))]
-    routes += [Route("/healthz", fast), Route("/state", state)]
-    app = Starlette(routes=routes)
-    app.state.cancelled = False
-    return app
-
-
-def test_in_flight_bound_is_exact_and_health_is_exempt() -> None:
-    async def main() -> list[int]:
-        global RELEASE
-        RELEASE = asyncio.Event()
-        app = tiny_app()
-        middleware.install_middleware(app, max_in_flight=3, request_timeout_s=5)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            held = [asyncio.create_task(client.get("/held")) for _ in range(3)]
-            await asyncio.sleep(0.1)
-            extra = [await client.get("/fast") for _ in range(4)]
-            health = await client.get("/healthz")
-            RELEASE.set()
-            done = await asyncio.gather(*held)
-            after = await client.get("/fast")
-        assert all(r.status_code == 503 and r.headers["retry-after"] == "1" for r in extra)
-        assert extra[0].json() == {"error": "server overloaded, retry later"}
-        assert health.status_code == 200 and after.status_code == 200
-        return [r.status_code for r in done]
-
-    assert asyncio.run(main()) == [200, 200, 200]
-
-
-def test_timeout_cancels_the_handler() -> None:
-    app = tiny_app()
-    middleware.install_middleware(app, request_timeout_s=0.2)
-    with TestClient(app, raise_server_exceptions=False) as client:
-        start = time.perf_counter()
-        response = client.get("/sleepy")
-        assert response.status_code == 504 and time.perf_counter() - start < 2
-        assert response.json()["error"].startswith("request took longer than 0.2 s")
-        assert app.state.cancelled
-        # The app's own TimeoutError is its bug, not the limit: a 500, not a 504.
-        assert client.get("/boom").status_code == 500
-
-
-def test_header_limit_and_request_id_rules() -> None:
-    app = tiny_app()
-    middleware.install_middleware(app, max_header_bytes=1000)
-    with TestClient(app) as client:
-        big = client.get("/fast", headers={"X-Pad": "p" * 2000})
-        assert big.status_code == 431 and "error" in big.json() and big.headers["x-request-id"]
-        assert client.get("/state", headers={"X-Request-ID": "  abc  "}).json() == {"request_id": "abc"}
-    assert middleware.clean_request_id(b"ok-123") == "ok-123"
-    assert middleware.clean_request_id("é".encode()) is None
-    assert middleware.clean_request_id(b"a" * 129) is None
-    assert middleware.clean_request_id(b"") is None
-    assert middleware.parse_api_keys(" a, ,b ") == ("a", "b")
-
-
-def test_access_log_line_fields() -> None:
-    class Keep(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lines: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.lines.append(record.getMessage())
-
-    keep = Keep()
-    logger = logging.getLogger("service.access")
-    level = logger.level
-    logger.addHandler(keep)
-    logger.setLevel(logging.INFO)
-    try:
-        app = tiny_app()
-        middleware.install_middleware(app)
-        with TestClient(app) as client:
-            client.get("/fast?token=" + "t" * 500 + "&n=1", headers={"X-Request-ID": "unit-1"})
-    finally:
-        logger.removeHandler(keep)
-        logger.setLevel(level)
-    assert len(keep.lines) == 1
-    line = json.loads(keep.lines[0])
-    assert set(line) == {
-        "ts",
-        "request_id",
-        "method",
-        "path",
-        "query",
-        "status",
-        "duration_ms",
-        "bytes_in",
-        "bytes_out",
-        "client",
-        "user_agent",
-    }
-    assert line["request_id"] == "unit-1" and line["status"] == 200 and line["bytes_out"] == 2
-    assert line["query"] == "token=" + "t" * 64 + "…&n=1"
-
-
-@pytest.mark.parametrize("path", ["/v1/predict", "/v1/prédire/日本", "/bad/\udcff", "/ctl/\x00\x1b\n"])
-def test_access_log_lines_are_ascii_json_whatever_the_path(path: str) -> None:
-    """orjson writes the usual line; non-ASCII and strings orjson refuses (lone surrogates, which a
-    server may hand over for undecodable bytes) go through json, escaped: every line one ASCII JSON object."""
-    scope = {"method": "POST", "path": path, "query_string": b"k=v", "client": ("10.0.0.1", 5), "headers": []}
-    line = middleware.AccessLogMiddleware._line(scope, "id-1", 1_700_000_000.5, 200, 0.0123, 10, 20)
-    assert line.isascii() and "\n" not in line  # one line, however the path is made
-    record = json.loads(line)
-    assert record["path"] == path and record["status"] == 200 and record["duration_ms"] == 12.3
-    assert record["query"] == "k=v" and record["client"] == "10.0.0.1" and record["user_agent"] is None
-
-
-def test_access_log_timestamp_is_datetimes_isoformat() -> None:
-    """The access log formats its timestamps itself (cheaper); they must read as datetime writes them,
-    rounding and carries into the next second included."""
-    from datetime import UTC, datetime
-
-    rng = random.Random(5)
-    moments = [0.0, 0.9995, 0.9999996, 59.9999999, 1_700_000_000.4555, 4_102_444_799.9999997]
-    moments += [rng.uniform(0, 4e9) for _ in range(20_000)] + [round(rng.uniform(0, 4e9), 3) for _ in range(20_000)]
-    for moment in moments:
-        assert middleware._timestamp(moment) == datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")

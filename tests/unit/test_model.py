@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.errors import ModelLoadError, NotFound
-from service.model import Model, graph_with_outputs, locate, resolve_providers, versions
-from tests.conftest import make_settings, model_folder
+from service.model import Model, locate, resolve_providers, versions
+from tests.support import model_folder
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 
@@ -46,17 +45,6 @@ def test_strict_providers_refuse_missing_cuda() -> None:
         resolve_providers(["cuda", "cpu"], [CPU], strict=True)
     with pytest.raises(ModelLoadError, match="unknown execution provider 'gpu'"):
         resolve_providers(["gpu"], [CPU], strict=False)
-
-
-def test_cuda_fallback_is_reported_in_readyz_and_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
-    # As on a CPU-only build of onnxruntime, whatever this machine has.
-    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
-    with TestClient(create_app(make_settings(providers=["cuda", "cpu"]))) as c:
-        ready = c.get("/readyz").json()
-        assert ready["providers"] == [CPU]
-        assert any("CUDAExecutionProvider" in w for w in ready["warnings"])
-        meta = c.get("/v1/models").json()["models"][0]["providers"]
-        assert meta["requested"] == ["cuda", "cpu"] and meta["in_use"] == [CPU] and meta["warnings"]
 
 
 def test_reports_what_the_session_really_uses(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -96,21 +84,18 @@ def test_run_outputs_and_unknown_output() -> None:
         model.run(np.zeros((1, 28, 28, 1), np.float32), ["conv99"])
 
 
-def test_graph_with_outputs_edits_only_the_output_list() -> None:
-    import onnx  # training's dependency, not the service's: the edit itself works on the wire format
-
-    data = (model_folder() / "model.onnx").read_bytes()
-    assert graph_with_outputs(data, [o.name for o in onnx.load_from_string(data).graph.output]) == data
-    expected = onnx.load_from_string(data)
-    kept = [o for o in expected.graph.output if o.name == "probabilities"]
-    del expected.graph.output[:]
-    expected.graph.output.extend(kept)
-    lean = graph_with_outputs(data, ["probabilities"])
-    assert lean == expected.SerializeToString()  # byte for byte what onnx itself writes
-    onnx.checker.check_model(onnx.load_from_string(lean))
-    for cut in (len(data) // 2, len(data) - 1, 3):
-        with pytest.raises(ValueError, match="truncated"):
-            graph_with_outputs(data[:cut], ["probabilities"])
+def test_the_probabilities_graph_is_verified_like_the_main_one(tmp_path: Path) -> None:
+    """The card lists the probabilities-only graph with its SHA-256: a file that does not match stops the
+    load with a one-line reason, as the main graph's would."""
+    folder = tmp_path / "m" / "1"
+    shutil.copytree(model_folder(), folder)
+    lean = folder / "model.probabilities.onnx"
+    lean.write_bytes(lean.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ModelLoadError, match="model.probabilities.onnx: SHA-256 .* does not match the card"):
+        Model(folder, providers=["cpu"]).load()
+    lean.unlink()
+    with pytest.raises(ModelLoadError, match="model.probabilities.onnx: cannot read model"):
+        Model(folder, providers=["cpu"]).load()
 
 
 def test_probabilities_run_on_the_lean_graph_with_identical_results(test_split) -> None:  # type: ignore[no-untyped-def]
@@ -138,12 +123,15 @@ def test_probabilities_run_on_the_lean_graph_with_identical_results(test_split) 
     assert np.array_equal(lean[:8], everything["probabilities"])
 
 
-def test_without_a_lean_graph_every_run_uses_the_full_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(data: bytes, keep: object) -> bytes:
-        raise ValueError("unsupported protobuf wire type 6")
-
-    monkeypatch.setattr("service.model.graph_with_outputs", broken)
-    model = Model(model_folder(), providers=["cpu"])
+def test_without_a_lean_graph_every_run_uses_the_full_one(tmp_path: Path) -> None:
+    """A version whose card lists no probabilities-only graph is served from its full graph."""
+    folder = tmp_path / "m" / "1"
+    shutil.copytree(model_folder(), folder)
+    card = json.loads((folder / "card.json").read_text())
+    del card["onnx_probabilities"]
+    (folder / "card.json").write_text(json.dumps(card))
+    (folder / "model.probabilities.onnx").unlink()
+    model = Model(folder, providers=["cpu"])
     model.load()
     assert model.ready and model.lean_session is None
     assert model.run(np.zeros((2, 28, 28, 1), np.float32), ["probabilities"])["probabilities"].shape == (2, 10)

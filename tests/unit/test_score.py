@@ -1,53 +1,40 @@
-"""python -m service.score: every input kind, both output formats, labels from every source, failures,
-bad arguments, and --url against a real server; answers checked against onnxruntime run directly."""
+"""python -m scoring (fashion-score): every input kind, both output formats, labels from every source, failures,
+bad arguments, --url against a stand-in server; answers checked against onnxruntime run directly."""
 
 from __future__ import annotations
 
 import csv
 import gzip
 import http.server
+import importlib
 import json
-import os
 import re
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service import score
+from scoring import inputs, outputs
+from scoring.__main__ import main
 from service.model import Card
-from tests.conftest import MODEL_NAME, MODELS, ROOT, model_folder, png_bytes, reference_probabilities
+from tests.support import (
+    ROOT,
+    accuracy_line,
+    model_args,
+    model_folder,
+    png_bytes,
+    read_jsonl,
+    reference_probabilities,
+    write_class_folders,
+)
+from tests.support import run_score as run
 from training.data import CLASS_NAMES, find_data_dir
 
 CLASSES = list(CLASS_NAMES)  # the card's, checked in the accuracy test; read here without loading a model
-# Folder names as people write them: odd case, separators, plurals, a class id, an id prefix.
-FOLDER_NAMES = [
-    "T-shirt_top", "trousers", "PULLOVER", "3", "coat", "Sandals", "shirt", "sneaker", "bag", "9_ankle-boot",
-]  # fmt: skip
-
-
-def model_args() -> list[str]:
-    name = [] if "TEST_MODELS" in os.environ else ["--model", MODEL_NAME]
-    return ["--models", str(MODELS), "--providers", "cpu", *name]
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
-    code = score.main([*map(str, args), *model_args(), "--quiet"])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def accuracy_line(err: str) -> float:
-    match = re.search(r"^accuracy (\d\.\d+) ", err, re.M)
-    assert match, err
-    return float(match.group(1))
 
 
 def test_class_from_folder_is_lenient() -> None:
@@ -57,9 +44,9 @@ def test_class_from_folder_is_lenient() -> None:
         "ankle boot": 9, "Ankle-Boots": 9,
     }  # fmt: skip
     for name, class_id in want.items():
-        assert score.class_from_folder(name, CLASSES) == class_id, name
+        assert inputs.class_from_folder(name, CLASSES) == class_id, name
     for name in ("images", "10", "misc", "", "boots2"):
-        assert score.class_from_folder(name, CLASSES) is None, name
+        assert inputs.class_from_folder(name, CLASSES) is None, name
 
 
 def test_real_test_set_accuracy_equals_the_cards(capsys, tmp_path, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
@@ -69,7 +56,7 @@ def test_real_test_set_accuracy_equals_the_cards(capsys, tmp_path, test_split, r
     code, _, err = run(capsys, images_path, "--out", out, "--batch-size", "1000")
     assert code == 0, err
     card = Card.read(model_folder())
-    assert card.classes == CLASSES
+    assert list(card.classes) == CLASSES  # the card is typed: its classes are a tuple
     card_accuracy = card.metrics["test_accuracy"]
     reported = accuracy_line(err)
     assert abs(reported - card_accuracy) <= 0.0005, (reported, card_accuracy)
@@ -102,19 +89,6 @@ def test_uncompressed_idx_with_labels_option(capsys, tmp_path, test_split, refer
     rows = read_jsonl(out)
     assert [r["true_class_id"] for r in rows] == labels.tolist()
     assert [r["source"] for r in rows[:2]] == [f"{idx}#0", f"{idx}#1"]
-
-
-def write_class_folders(root: Path, images: np.ndarray, labels: np.ndarray) -> list[Path]:
-    paths = []
-    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
-        # Some in a nested folder: only the image's own folder names its class.
-        folder = root / ("batch-b" if i % 3 == 0 else "batch-a") / FOLDER_NAMES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{i:04d}.png"
-        path.write_bytes(png_bytes(pixels))
-        paths.append(path)
-    (root / "README.txt").write_text("not an image: skipped when found in a folder")
-    return paths
 
 
 def test_folder_per_class_gives_accuracy(capsys, tmp_path, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]
@@ -215,31 +189,6 @@ def test_csv_and_jsonl_hold_the_same_rows(capsys, tmp_path, test_split) -> None:
         assert row["true_label"] == "" and line["true_label"] is None and line["error"] is None
 
 
-def test_url_gives_the_same_answers_as_in_process(capsys, tmp_path, test_split, live_server) -> None:  # type: ignore[no-untyped-def]
-    images, labels = test_split.images[:30], test_split.labels[:30]
-    write_class_folders(tmp_path / "data", images[:20], labels[:20])
-    (tmp_path / "data" / "broken.png").write_bytes(b"not an image at all")
-    np.savez(tmp_path / "rest.npz", images=images[20:], labels=labels[20:])
-    inputs = [tmp_path / "data", tmp_path / "rest.npz"]
-    # A batch size that splits both the images and the array into several requests.
-    code, _, err_local = run(capsys, *inputs, "--out", tmp_path / "local.jsonl", "--batch-size", "7")
-    assert code == 0, err_local
-    code, _, err_remote = run(
-        capsys, *inputs, "--out", tmp_path / "remote.jsonl", "--batch-size", "7", "--url", live_server
-    )
-    assert code == 0, err_remote
-    local, remote = read_jsonl(tmp_path / "local.jsonl"), read_jsonl(tmp_path / "remote.jsonl")
-    assert len(local) == len(remote) == 31
-    for a, b in zip(local, remote, strict=True):
-        assert (a["source"], a["label"], a["true_label"]) == (b["source"], b["label"], b["true_label"])
-        if a["error"]:
-            assert b["error"] and b["probabilities"] is None
-            continue
-        np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-6)
-    assert live_server in err_remote
-    assert accuracy_line(err_local) == accuracy_line(err_remote)
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -273,11 +222,11 @@ def test_nothing_scored_or_no_model_exit_1_with_one_line(capsys, tmp_path) -> No
     assert err.endswith(")\n") and len(err.splitlines()) == 1
     assert read_jsonl(tmp_path / "r.jsonl")[0]["error"]
 
-    code = score.main([str(tmp_path / "junk.png"), "--models", str(tmp_path / "nowhere"), "--quiet"])
+    code = main([str(tmp_path / "junk.png"), "--models", str(tmp_path / "nowhere"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("error: no model found in ")
 
-    code = score.main([str(tmp_path / "junk.png"), "--url", "http://127.0.0.1:9", "--quiet"])
+    code = main([str(tmp_path / "junk.png"), "--url", "http://127.0.0.1:9", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "cannot use the server at" in err
 
@@ -285,24 +234,39 @@ def test_nothing_scored_or_no_model_exit_1_with_one_line(capsys, tmp_path) -> No
 def test_runs_as_a_module_with_progress(tmp_path, test_split) -> None:  # type: ignore[no-untyped-def]
     np.save(tmp_path / "a.npy", test_split.images[:20])
     result = subprocess.run(
-        [sys.executable, "-m", "service.score", str(tmp_path / "a.npy"), "--batch-size", "8", *model_args()],
+        [sys.executable, "-m", "scoring", str(tmp_path / "a.npy"), "--batch-size", "8", *model_args()],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 20  # JSONL on stdout by default
     assert "scoring [" in result.stderr and "20/20 100%" in result.stderr  # the progress bar, on stderr
     assert "scored 20 images, 0 failed" in result.stderr
-    bad = subprocess.run(
-        [sys.executable, "-m", "service.score", "--out", "x.txt"], cwd=ROOT, capture_output=True, text=True
-    )
+    bad = subprocess.run([sys.executable, "-m", "scoring", "--out", "x.txt"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def test_console_script_fashion_score(capsys) -> None:  # type: ignore[no-untyped-def]
+    """pyproject declares `fashion-score`; its entry point returns the exit code (2 for usage errors)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fashion-score"] == "scoring.__main__:main"
+    module, _, name = scripts["fashion-score"].partition(":")
+    entry = getattr(importlib.import_module(module), name)
+    assert entry is main
+    for argv in ([], ["--no-such-option"], ["--top-k", "0", str(ROOT / "pyproject.toml")]):
+        assert entry(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and "error:" in err and "(see --help)" in err, err
+    with pytest.raises(SystemExit) as exited:  # argparse's --help exits 0 itself, as a console script wants
+        entry(["--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m scoring ")
+
+
 def test_summary_reads_well() -> None:
-    stats = score.Stats(CLASSES)
-    stats.add(score.Row("a", np.eye(10, dtype=np.float32)[3], truth=3))
-    stats.add(score.Row("b", np.eye(10, dtype=np.float32)[3], truth=4))
-    stats.add(score.Row("c", error="bad"))
+    stats = outputs.Stats(CLASSES)
+    stats.add(outputs.Row("a", np.eye(10, dtype=np.float32)[3], truth=3))
+    stats.add(outputs.Row("b", np.eye(10, dtype=np.float32)[3], truth=4))
+    stats.add(outputs.Row("c", error="bad"))
     text = stats.summary(0.5, "test model")
     assert text.splitlines()[0] == "scored 2 images, 1 failed, in 0.50 s: 4 images/s (test model)"
     assert "accuracy 0.5000 (1/2 labelled images correct)" in text
@@ -350,19 +314,19 @@ def test_url_sends_the_api_key(capsys, tmp_path, monkeypatch) -> None:  # type: 
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         monkeypatch.delenv("FASHION_SERVE_API_KEY", raising=False)
-        code = score.main([str(tmp_path / "a.npy"), "--url", url, "--quiet"])
+        code = main([str(tmp_path / "a.npy"), "--url", url, "--quiet"])
         err = capsys.readouterr().err
         assert code == 1
         assert err.strip() == f"error: cannot use the server at {url}: server answered 401: missing API key"
 
-        code = score.main([str(tmp_path / "a.npy"), "--url", url, "--api-key", "secret", "--quiet"])
+        code = main([str(tmp_path / "a.npy"), "--url", url, "--api-key", "secret", "--quiet"])
         out, err = capsys.readouterr()
         assert code == 0, err
         assert [json.loads(line)["class_id"] for line in out.splitlines()] == [0, 1, 2]
         assert f"(fake version 7 at {url})" in err
 
         monkeypatch.setenv("FASHION_SERVE_API_KEY", "secret,older-key")  # the server's variable: its first key
-        assert score.main([str(tmp_path / "a.npy"), "--url", url, "--quiet"]) == 0
+        assert main([str(tmp_path / "a.npy"), "--url", url, "--quiet"]) == 0
         capsys.readouterr()
     finally:
         server.shutdown()

@@ -18,18 +18,17 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT, free_port
+
 ENGINE_SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MODEL_PATH = ROOT / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
@@ -82,12 +81,6 @@ def engine_answers() -> bool:
         return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def compose_command() -> list[str]:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.model import Model
-from tests.conftest import make_settings, model_folder, png_bytes, reference_probabilities
+from tests.support import make_settings, model_folder, png_bytes, reference_probabilities
 from training.data import Split
 
 N = 3  # images per request: enough to catch row mix-ups, light on a busy machine

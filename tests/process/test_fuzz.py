@@ -26,8 +26,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.app import create_app
-from tests.conftest import make_settings
-from tests.test_hardening import LIMITS, MODEL, VERSION, Server, running_server
+from tests.support import LIMITS, MODEL, VERSION, Server, make_settings, running_server
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "15"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

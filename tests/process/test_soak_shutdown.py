@@ -23,8 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import png_bytes
-from tests.test_hardening import INFER, PREDICT, Server, running_server, uint8_input, v2
+from tests.support import INFER, PREDICT, Server, png_bytes, running_server, uint8_input, v2
 from training.data import Split
 
 SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "2000"))

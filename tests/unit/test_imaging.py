@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from PIL.PngImagePlugin import PngInfo
 from service import imaging
 from service.errors import BadInput, ServiceError, TooLarge, UnsupportedMedia
 from service.imaging import ImageLimits, decode, feature_grid_png, input_png, preprocess, to_model_input
-from tests.conftest import png_chunk
+from tests.support import ROOT, png_chunk
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
+MODEL = ROOT / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
 # An ankle boot (class 9): no left-right or up-down symmetry, so rotations and flips are caught.
 BOOT = 0
 DEFAULT_LIMITS = ImageLimits()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.app import GC_YOUNG_THRESHOLD, create_app
 from service.model import Model
-from tests.conftest import make_settings, model_folder, png_bytes, reference_probabilities
+from tests.support import make_settings, model_folder, png_bytes, reference_probabilities
 
 
 def _predict(client: TestClient, data: bytes, **params: object) -> dict:
@@ -35,18 +35,6 @@ def test_predict_multipart_matches_onnxruntime(client: TestClient, test_split, r
         assert sum(body["probabilities"]) == pytest.approx(1.0, abs=1e-5)
         probs = [t["probability"] for t in body["top_k"]]
         assert probs == sorted(probs, reverse=True)
-
-
-def test_response_json_keeps_every_float32_value_exactly() -> None:
-    """orjson writes the bodies; whatever its float notation (1e-5 where Python writes 1e-05), every
-    value must read back as the float32 the model gave, the extremes of a softmax included."""
-    from service.api.classify import dumps
-
-    extremes = np.array([0.0, 1.0, 1e-45, 1.17549435e-38, 3.4028235e38, 1 / 3, 0.1, 1e-5, 0.99999994], np.float32)
-    values = np.concatenate((extremes, np.random.default_rng(0).random(10_000, np.float32) ** 40))
-    body = {"probabilities": values.tolist(), "label": "T-shirt/top", "note": "naïve"}
-    assert json.loads(dumps(body)) == body
-    assert json.loads(dumps(body)) == json.loads(json.dumps(body))
 
 
 def test_predict_raw_body_and_top_k(client: TestClient, test_split) -> None:  # type: ignore[no-untyped-def]
