@@ -3,13 +3,21 @@
 1. the in-process limit: PIL decoding + onnxruntime on core 0, one at a time and 256 at a time;
 2. the plain FastAPI wrapper (bench/reference.py) on core 0, /v1/predict at concurrency 32;
 3. the service (`python -m service`, 1 worker, 1 thread) on core 0: time to ready, /v1/predict at
-   concurrency 32, /v1/predict/batch with 256 PNGs per request, RSS after the load;
+   concurrency 32, then the Open Inference Protocol's /v2/models/<model>/infer at the same concurrency
+   with one image per request as binary tensor data, as an FP32 tensor and as a PNG file (BYTES), each
+   against /v1/predict's requests/s in the same run; /v1/predict/batch with 256 PNGs per request, RSS
+   after the load;
 4. head to head: the plain wrapper and the service both up on core 0, the load alternating between
    them in short slices, so that both see the same minutes of this machine (whose speed drifts by tens
    of percent from one minute to the next) and the requests/s ratio does not drift with it;
 5. unpinned, the way it ships: workers × onnxruntime threads × batcher settings, on both cores.
 The load generator (bench/loadgen.py) runs on core 1 for 1-4, unpinned for 5. Servers are started
 and stopped here; nothing is left running.
+
+Ablations and trials are the service's own settings (bench/overrides.py): `--set NAME=VALUE`
+(repeatable) runs every service of the benchmark with FASHION_SERVE_NAME=VALUE, e.g.
+`--only service --set inline_decode_max_bytes=0` (every image decoded in a worker thread). A name that
+is not a field of service.settings.Settings, or a value it refuses, stops the benchmark before it starts.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bench import overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, CLIENT_CORE = "0", "1"
 TARGET_RPS_RATIO = 2.0
@@ -39,6 +49,9 @@ TARGET_P99_MS = 20.0
 TARGET_BATCH_RATIO = 0.7
 TARGET_READY_S = 1.0
 TARGET_RSS_MB = 150.0
+TARGET_V2_RATIO = 0.9  # V2 binary-data requests/s over /v1/predict's, one image per request, same run
+V2_KINDS = {"v2_fp32": "v2-fp32", "v2_png": "v2-png"}  # result key -> load kind
+MATRIX_SETTINGS = ("workers", "intra_op_threads", "batch_max_size", "batch_max_delay_ms")  # what a matrix row sets
 
 
 @dataclass
@@ -46,13 +59,14 @@ class Options:
     python: str
     models: Path
     model: str | None
+    model_name: str  # the served model's name (the V2 route's)
     seconds: float
     warmup: float
     concurrency: int
     batch_concurrency: int
     matrix: list[tuple[int, int, int, float]]  # workers, intra-op threads, batch max size, batch max delay ms
     env: dict[str, str]
-    patches: str
+    settings: dict[str, str]  # --set: Settings field -> value, for every service started here
     slices: int  # head to head: slices per server
     slice_seconds: float
     expected: list[int]  # class ids of the first test images, to check answers against
@@ -195,15 +209,37 @@ def check_answers(url: str, want: list[int], batch: bool) -> None:
         raise SystemExit(f"{url} answers {got}, onnxruntime in-process says {expected}")
 
 
+def check_v2_answers(url: str, model: str, want: list[int], kind: str) -> None:
+    """As check_answers, for a V2 load kind: the same requests the load generator sends, the
+    probabilities read out of the binary response."""
+    import http.client
+
+    from bench import data
+
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    got = []
+    try:
+        for body, length in data.v2_bodies(kind)[: len(want)]:
+            headers = {"Content-Type": "application/octet-stream", data.V2_HEADER: str(length)}
+            connection.request("POST", data.v2_path(model), body, headers)
+            response = connection.getresponse()
+            content = response.read()
+            answered = response.getheader(data.V2_HEADER)
+            if response.status != 200 or answered is None:
+                raise SystemExit(f"{url} {kind}: {response.status}, {content[:300]!r}")
+            got.append(int(data.v2_probabilities(content, int(answered)).argmax()))
+    finally:
+        connection.close()
+    if got != want:
+        raise SystemExit(f"{url} {kind} answers {got}, onnxruntime in-process says {want}")
+
+
 def service_command(opts: Options, port: int, core: str | None) -> tuple[list[str], dict[str, str]]:
-    module = "bench.patched" if opts.patches else "service"
-    command = [opts.python, "-m", module, "--port", str(port), "--models", str(opts.models)]
+    command = [opts.python, "-m", "service", "--port", str(port), "--models", str(opts.models)]
     if opts.model:
         command += ["--model", opts.model]
-    env = dict(opts.env)
-    if opts.patches:
-        env["BENCH_PATCHES"] = opts.patches
-    return pinned(core, command), env
+    return pinned(core, command), {**opts.env, **overrides.environment(opts.settings)}
 
 
 def run_load(
@@ -222,6 +258,7 @@ def run_load(
     warmup = opts.warmup if warmup is None else warmup
     command = [opts.python, "-m", "bench.loadgen", "--url", url, "--kind", kind]
     command += ["--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup)]
+    command += ["--model", opts.model_name]
     limit = seconds + warmup + 60
     cpu = tree_cpu_seconds(server.process.pid)
     out = subprocess.run(pinned(core, command), cwd=ROOT, capture_output=True, check=True, timeout=limit)
@@ -261,10 +298,16 @@ def service_pinned(opts: Options) -> dict[str, Any]:
     command, env = pinned_service_command(opts, port)
     with serve(command, env, port) as server:
         check_answers(server.url, opts.expected, batch=True)
+        for kind in V2_KINDS.values():
+            check_v2_answers(server.url, opts.model_name, opts.expected, kind)
         single = run_load(opts, server, "single", opts.concurrency, CLIENT_CORE)
+        v2 = {}
+        for key, kind in V2_KINDS.items():
+            v2[key] = run_load(opts, server, kind, opts.concurrency, CLIENT_CORE)
+            v2[key]["ratio_to_v1"] = v2[key]["rps"] / single["rps"] if single["rps"] else float("nan")
         batch = run_load(opts, server, "batch", opts.batch_concurrency, CLIENT_CORE)
         rss = tree_rss_mb(server.process.pid)
-        return {"ready_s": server.ready_s, "single": single, "batch": batch, "rss_mb": rss}
+        return {"ready_s": server.ready_s, "single": single, **v2, "batch": batch, "rss_mb": rss}
 
 
 def head_to_head(opts: Options, onnx: Path) -> dict[str, Any]:
@@ -306,13 +349,8 @@ def matrix(opts: Options) -> list[dict[str, Any]]:
     for workers, threads, size, delay in opts.matrix:
         port = free_port()
         command, env = service_command(opts, port, None)
-        env = {
-            "FASHION_SERVE_WORKERS": str(workers),
-            "FASHION_SERVE_INTRA_OP_THREADS": str(threads),
-            "FASHION_SERVE_BATCH_MAX_SIZE": str(size),
-            "FASHION_SERVE_BATCH_MAX_DELAY_MS": str(delay),
-            **env,
-        }
+        # The row's own settings win over --set/--env: the table labels each row with them.
+        env |= overrides.environment(dict(zip(MATRIX_SETTINGS, map(str, (workers, threads, size, delay)), strict=True)))
         with serve(command, env, port) as server:
             check_answers(server.url, opts.expected, batch=False)
             single = run_load(opts, server, "single", opts.concurrency, None)
@@ -344,21 +382,26 @@ def latency(result: dict[str, Any]) -> str:
     return "/".join(f"{result[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
 
 
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def paired_ratio(results: dict[str, Any], other: str, ratio: Callable[[Any, Any], float]) -> float:
     """The median over attempts of service / `other`, each pair measured back to back: on a machine whose
     speed drifts by tens of percent between minutes (this one, even idle), pairs cancel the drift."""
     pairs = list(zip(results.get("service_runs", []), results.get(f"{other}_runs", []), strict=False))
-    if not pairs:
-        return float("nan")
-    values = sorted(ratio(a, b) for a, b in pairs)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+    return median([ratio(a, b) for a, b in pairs])
 
 
 def report(results: dict[str, Any]) -> str:
     lines = [
         f"machine: {results['cores']} cores, {results['cpu']}; load average before {results['load_before']}, "
-        f"after {results['load_after']}; model {results['model']}",
+        f"after {results['load_after']}; model {results['model']}; "
+        f"settings {overrides.describe(results['settings']['set'])}",
         "",
         "| measurement | figure | target | ratio | met |",
         "|---|---|---|---|---|",
@@ -413,7 +456,19 @@ def report(results: dict[str, Any]) -> str:
             f"| service /v1/predict p99 | {single['p99_ms']:.1f} ms | ≤ {TARGET_P99_MS:.0f} ms | | "
             f"{check(single['p99_ms'] <= TARGET_P99_MS)} |"
         )
-        errors = single["errors"] + batch["errors"]
+        for key, what in (("v2_fp32", "binary FP32 [1, 28, 28, 1]"), ("v2_png", "binary BYTES, one PNG")):
+            v2 = svc.get(key)
+            if not v2:
+                continue
+            # Each run's own V2 / v1 ratio (same server, same minutes), the median over runs.
+            v2_ratio = median([run[key]["ratio_to_v1"] for run in results.get("service_runs", [svc]) if key in run])
+            lines.append(
+                f"| service /v2/models/…/infer, {what}, c={v2['concurrency']} (core 0) | {v2['rps']:,.0f} req/s, "
+                f"p99 {v2['p99_ms']:.1f} ms, {v2['errors']} errors, {v2['server_cpu_ms_per_request']:.2f} "
+                f"CPU ms/request | ≥ {TARGET_V2_RATIO:.1f}× /v1/predict | {v2_ratio:.2f}× | "
+                f"{check(v2_ratio >= TARGET_V2_RATIO)} |"
+            )
+        errors = single["errors"] + batch["errors"] + sum(svc[key]["errors"] for key in V2_KINDS if key in svc)
         lines.append(f"| service errors | {errors} | 0 | | {check(errors == 0)} |")
         batch_ratio = paired_ratio(
             results, "in_process", lambda svc, other: svc["batch"]["images_per_s"] / other["batched_images_per_s"]
@@ -473,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python", default=sys.executable, help="interpreter for servers and load generator")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per load run")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each load run")
-    parser.add_argument("--concurrency", type=int, default=32, help="connections for /v1/predict")
+    parser.add_argument("--concurrency", type=int, default=32, help="connections for /v1/predict and the V2 kinds")
     parser.add_argument("--batch-concurrency", type=int, default=2, help="connections for /v1/predict/batch")
     parser.add_argument(
         "--matrix",
@@ -482,7 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", choices=["limit", "reference", "service", "matrix"], action="append")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the service (repeatable)")
-    parser.add_argument("--patches", default="", help="bench/patched.py patches to apply to the service")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting (a field of service.settings.Settings, e.g. inline_decode_max_bytes=0) for "
+        "every service started here, as FASHION_SERVE_NAME (repeatable); an unknown name is an error",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="pinned runs to alternate; the median is reported")
     parser.add_argument("--slices", type=int, default=8, help="head to head: load slices per server (0: skip)")
     parser.add_argument("--slice-seconds", type=float, default=2.0, help="head to head: measured seconds per slice")
@@ -493,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.model import locate
 
     try:
+        settings = overrides.parse(args.set)
+    except overrides.SettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         folder = locate(args.models, args.model, None)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -501,18 +568,22 @@ def main(argv: list[str] | None = None) -> int:
         python=args.python,
         models=args.models,
         model=args.model,
+        model_name=folder.parent.name,
         seconds=args.seconds,
         warmup=args.warmup,
         concurrency=args.concurrency,
         batch_concurrency=args.batch_concurrency,
         matrix=parse_matrix(args.matrix) if args.matrix else [],
         env=dict(item.split("=", 1) for item in args.env),
-        patches=args.patches,
+        settings=settings,
         slices=args.slices,
         slice_seconds=args.slice_seconds,
         expected=expected_classes(folder / "model.onnx"),
     )
     steps = set(args.only or ["limit", "reference", "service", "matrix"])
+    varied = sorted(set(settings) & set(MATRIX_SETTINGS)) if "matrix" in steps and opts.matrix else []
+    if varied:
+        print(f"note: the unpinned matrix sets {', '.join(varied)} per row, over --set", file=sys.stderr)
     onnx = folder / "model.onnx"
     # Both servers start from bytecode, as an installed package or the image does (pip and the Dockerfile
     # compile it); with PYTHONDONTWRITEBYTECODE set, a working tree would otherwise compile on every start.
@@ -523,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_name(),
         "model": f"{folder.parent.name}/{folder.name}",
         "load_before": load_average(),
-        "settings": {"env": opts.env, "patches": opts.patches},
+        "settings": {"env": opts.env, "set": opts.settings},
     }
     print(f"benchmarking {results['model']} on {results['cores']} cores; load average {results['load_before']}")
     # On a shared machine one run can be unlucky: with --repeat, the pinned measurements alternate;

@@ -4,9 +4,10 @@ The ASGI app is called directly with the same multipart requests the load genera
 time (single images) and 2 at a time (256 images each); CPU time (all threads) per request is taken
 over a round of requests, and the best of several rounds is kept: on a shared machine the least
 disturbed round is the closest to the truth, which makes this the steadiest way to compare two
-versions of the code. Patches from bench/patched.py apply, to measure one change at a time:
+versions of the code. Settings (`--set NAME=VALUE`, repeatable: Settings(name=value), checked against
+service.settings.Settings, see bench/overrides.py) measure one ablation at a time:
 
-    taskset -c 0 python -m bench.inapp --models models [--patches thread_decode,stdlib_json]
+    taskset -c 0 python -m bench.inapp --models models [--set inline_decode_max_bytes=0]
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench import data
+from bench import data, overrides
 from bench.loadgen import loop_factory
+
+if TYPE_CHECKING:
+    from service.batching import BatchStats
+    from service.settings import Settings
 
 Message = dict[str, Any]
 
@@ -97,12 +102,11 @@ async def measure_reference(models: Path, rounds: int) -> dict[str, float]:
     return {"single_cpu_us_per_request": await _rounds(reference.app, "/v1/predict", singles, 32, 640, rounds) * 1e6}
 
 
-async def measure(models: Path, rounds: int) -> dict[str, float]:
+async def measure(models: Path, rounds: int, settings: dict[str, str] | None = None) -> dict[str, float]:
     from service.app import create_app
-    from service.settings import Settings
 
     _access_log_to_devnull()
-    app = create_app(Settings(models=models, providers=["cpu"]))
+    app = create_app(service_settings(models, settings or {}))
     singles = data.single_bodies()
     batches = [request.split(b"\r\n\r\n", 1)[1] for request in data.batch_requests()]
     async with app.router.lifespan_context(app):
@@ -110,7 +114,7 @@ async def measure(models: Path, rounds: int) -> dict[str, float]:
         await _rounds(app, "/v1/predict/batch", batches, 2, 2, 1)
         single = await _rounds(app, "/v1/predict", singles, 32, 640, rounds)
         batch = await _rounds(app, "/v1/predict/batch", batches, 2, 8, rounds)
-        stats = app.state.batcher.stats
+        stats = batch_stats(app)
     return {
         "single_cpu_us_per_request": single * 1e6,
         "batch_cpu_us_per_image": batch / 256 * 1e6,
@@ -118,12 +122,26 @@ async def measure(models: Path, rounds: int) -> dict[str, float]:
     }
 
 
+def service_settings(models: Path, changes: dict[str, str]) -> Settings:
+    """The service's Settings for an in-process app: the CPU provider, then `changes` (validated)."""
+    from service.settings import Settings
+
+    return Settings.model_validate({"models": models, "providers": ["cpu"], **changes})
+
+
+def batch_stats(app: Any) -> BatchStats:
+    """The served model's batch statistics (service.batching.BatchStats, counted in place), from the app's
+    data plane once it is open."""
+    stats: BatchStats | None = app.state.dataplane.batch_stats
+    if stats is None:
+        raise RuntimeError("the data plane is not open")
+    return stats
+
+
 def _access_log_to_devnull() -> None:
     """The access log costs what it costs in the server (formatting, logging), written nowhere."""
-    try:
-        from service.middleware import configure_access_log
-    except ImportError:  # no access log middleware in this version
-        return
+    from service.api.middleware import configure_access_log
+
     configure_access_log("INFO", open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
 
 
@@ -131,15 +149,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inapp", description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=Path("models"))
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--patches", default="", help="bench/patched.py patches, comma-separated")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting, e.g. inline_decode_max_bytes=0 (repeatable); an unknown name is an error",
+    )
     parser.add_argument("--reference", action="store_true", help="measure the plain wrapper instead")
     args = parser.parse_args(argv)
-    from bench import patched
-
-    patched.apply({p for p in args.patches.split(",") if p})
+    try:
+        settings = overrides.parse(args.set)
+    except overrides.SettingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.reference and settings:
+        print("error: --set applies to the service, not the plain wrapper (--reference)", file=sys.stderr)
+        return 2
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        result = runner.run((measure_reference if args.reference else measure)(args.models, args.rounds))
-    json.dump({"app": "reference" if args.reference else "service", "patches": args.patches, **result}, sys.stdout)
+        if args.reference:
+            result = runner.run(measure_reference(args.models, args.rounds))
+        else:
+            result = runner.run(measure(args.models, args.rounds, settings))
+    json.dump({"app": "reference" if args.reference else "service", "settings": settings, **result}, sys.stdout)
     print()
     return 0
 

@@ -23,16 +23,15 @@ import os
 from pathlib import Path
 
 from bench import data
-from bench.inapp import _access_log_to_devnull, _request
+from bench.inapp import _access_log_to_devnull, _request, batch_stats, service_settings
 from bench.loadgen import loop_factory
 
 
 async def run(models: Path, requests: int, concurrency: int) -> None:
     from service.app import create_app
-    from service.settings import Settings
 
     _access_log_to_devnull()
-    app = create_app(Settings(models=models, providers=["cpu"]))
+    app = create_app(service_settings(models, {}))
     singles = data.single_bodies()
 
     async def round_of(start: int) -> None:
@@ -42,7 +41,7 @@ async def run(models: Path, requests: int, concurrency: int) -> None:
     async with app.router.lifespan_context(app):
         for start in range(0, 2 * concurrency, concurrency):
             await round_of(start)  # warm-up: first calls, caches, the batcher's threads
-        stats = app.state.batcher.stats
+        stats = batch_stats(app)
         runs, images = stats.batches, stats.images
         os.getppid()  # callgrind --zero-before=getppid
         for start in range(0, requests, concurrency):

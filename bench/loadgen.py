@@ -7,6 +7,12 @@ the server sets the pace, and the figures are what each caller saw.
 
     python -m bench.loadgen --url http://127.0.0.1:8000 --kind single --concurrency 32 --seconds 10
 prints one JSON object: requests, errors, requests/s, images/s, latency percentiles in ms.
+
+Kinds (bench/data.py builds the requests from the same 200 test images):
+    single   POST /v1/predict, one PNG as multipart field `file`
+    batch    POST /v1/predict/batch, --batch-size PNGs as multipart field `files`
+    v2-fp32  POST /v2/models/<--model>/infer, one image as a binary FP32 tensor [1, 28, 28, 1]
+    v2-png   the same route, the PNG file as one binary BYTES element
 """
 
 from __future__ import annotations
@@ -165,11 +171,16 @@ def summarise(run: Run, seconds: float, concurrency: int) -> dict[str, Any]:
     }
 
 
-def build(kind: str, path: str | None, batch_size: int) -> tuple[list[bytes], int]:
+KINDS = ["single", "batch", "v2-fp32", "v2-png"]
+
+
+def build(kind: str, path: str | None, batch_size: int, model: str = data.MODEL) -> tuple[list[bytes], int]:
     if kind == "single":
         return data.single_requests(path or "/v1/predict"), 1
     if kind == "batch":
         return data.batch_requests(path or "/v1/predict/batch", batch_size), batch_size
+    if kind in ("v2-fp32", "v2-png"):
+        return data.v2_requests(kind, path or data.v2_path(model)), 1
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -185,14 +196,15 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
-    parser.add_argument("--kind", choices=["single", "batch"], default="single")
-    parser.add_argument("--path", help="route (default /v1/predict or /v1/predict/batch)")
+    parser.add_argument("--kind", choices=KINDS, default="single")
+    parser.add_argument("--path", help="route (default /v1/predict, /v1/predict/batch, /v2/models/MODEL/infer)")
+    parser.add_argument("--model", default=data.MODEL, help=f"model name in the V2 route (default {data.MODEL})")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     args = parser.parse_args(argv)
-    requests, images = build(args.kind, args.path, args.batch_size)
+    requests, images = build(args.kind, args.path, args.batch_size, args.model)
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         result = runner.run(load(args.url, requests, images, args.concurrency, args.seconds, args.warmup))
     json.dump(result, sys.stdout)
