@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from scoring import InputError, UsageError
+from service import arrays
 from training.data import IMAGE_MAGIC, LABEL_MAGIC, DataError, read_idx
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
@@ -96,11 +97,10 @@ def read_array(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         with loaded:
             names = loaded.files
             label_key = next((k for k in LABEL_KEYS if k in names), None)
-            image_keys = [k for k in names if k != label_key]
-            key = next((k for k in ("images", "x", "image") if k in names), None)
-            if key is None and len(image_keys) != 1:
+            key = arrays.images_member(names, besides=[label_key] if label_key else [])
+            if key is None:
                 raise InputError(f".npz holds {len(names)} arrays ({', '.join(names[:5])}); name the images 'images'")
-            return loaded[key or image_keys[0]], (loaded[label_key] if label_key else None)
+            return loaded[key], (loaded[label_key] if label_key else None)
     except InputError:
         raise
     except (OSError, ValueError, EOFError) as exc:  # np.load's errors for truncated or non-array files

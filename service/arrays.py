@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Sequence
 from typing import IO
 
 import numpy as np
@@ -12,6 +13,19 @@ from service.errors import BadInput, TooLarge
 
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
+
+
+IMAGE_KEYS = ("images", "x", "image")
+
+
+def images_member(names: Sequence[str], besides: Sequence[str] = ()) -> str | None:
+    """Which array of a .npz holds the images: one named as in IMAGE_KEYS, else the only one not named in
+    `besides` (labels); None when that is ambiguous."""
+    key = next((k for k in IMAGE_KEYS if k in names), None)
+    if key is not None:
+        return key
+    rest = [n for n in names if n not in besides]
+    return rest[0] if len(rest) == 1 else None
 
 
 def is_array_file(data: bytes, filename: str | None = None) -> bool:
@@ -28,11 +42,11 @@ def load_array_file(data: bytes, max_rows: int) -> np.ndarray:
         if data.startswith(ZIP_MAGIC):
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
                 names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-                key = next((k for k in ("images", "x", "image") if k in names), None)
-                if key is None and len(names) != 1:
+                key = images_member(names)
+                if key is None:
                     listed = ", ".join(names[:5]) or "no .npy members"
                     raise BadInput(f".npz holds {len(names)} arrays ({listed}); send one, or name it 'images'")
-                member = (key or names[0]) + ".npy"
+                member = key + ".npy"
                 if archive.getinfo(member).file_size > max_rows * 28 * 28 * 8 + 4096:
                     raise TooLarge(f".npz member {member} is larger than {max_rows} images can be")
                 with archive.open(member) as stream:

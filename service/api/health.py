@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
@@ -30,9 +29,7 @@ async def healthz() -> dict[str, str]:
     },
 )
 async def readyz(plane: DataPlaneDep) -> Any:
-    model = plane.loaded()
-    if model is None or not plane.ready:
-        return JSONResponse({"error": "model not ready", "status": "loading"}, status_code=503)
+    model = plane.model()  # 503 {"error": "model not ready"} until it is
     return {
         "status": "ready",
         "model": model.name,
