@@ -49,7 +49,7 @@ def serving_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-# The routes that read a request body: plain endpoints (service/api/endpoints.py), matched first.
+# The routes that read a request body: plain endpoints (service/api/endpoints.py).
 ENDPOINTS = [*rest.ENDPOINTS, *v2.ENDPOINTS, *web.ENDPOINTS]
 
 
@@ -90,7 +90,8 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     )
     # Added last, so outermost: metrics count the 401/431/503/504 answers of the middleware too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.router.routes.extend(endpoint.route() for endpoint in ENDPOINTS)
+    # First in the table: the router tries routes in order, and these take nearly every request.
+    app.router.routes[:0] = [endpoint.route() for endpoint in ENDPOINTS]
     app.include_router(health.router)
     app.include_router(rest.router)
     app.include_router(v2.router)

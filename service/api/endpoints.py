@@ -67,10 +67,7 @@ class Endpoint:
             ) from None
 
     def route(self) -> Route:
-        async def endpoint(request: Request) -> Response:
-            return await self.handler(request, self.parse(request))
-
-        return _Route(self.path, endpoint, methods=list(self.methods), name=self.handler.__name__)
+        return _Route(self)
 
     # --------------------------------------------------------------------------------------- OpenAPI
 
@@ -107,11 +104,23 @@ class Endpoint:
 
 
 class _Route(Route):
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # FastAPI's router records the matched route only for its own route class; metrics and logs label
-        # requests by it (bounded label values: the path template, not the path).
-        scope["route"] = self
-        await super().handle(scope, receive, send)
+    """A Starlette route whose ASGI app calls the endpoint directly. Exceptions reach the app's handlers
+    through Starlette's exception middleware, as every route's do; the per-route exception wrapper
+    Starlette adds around function endpoints would only repeat that lookup on every request."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        name = endpoint.handler.__name__
+        super().__init__(endpoint.path, endpoint.handler, methods=list(endpoint.methods), name=name)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            # FastAPI's router records the matched route only for its own route class; metrics and logs
+            # label requests by it (bounded label values: the path template, not the path).
+            scope["route"] = self
+            request = Request(scope, receive, send)
+            response = await endpoint.handler(request, endpoint.parse(request))
+            await response(scope, receive, send)
+
+        self.app = app
 
 
 def _reference(model: type[BaseModel], components: dict[str, Any]) -> dict[str, str]:
