@@ -24,7 +24,8 @@ ARG BASE_IMAGE=python:3.11-slim
 # ---------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS builder
 
-# onnxruntime for CPU, onnxruntime-gpu for CUDA; it replaces `onnxruntime` in pyproject's list.
+# onnxruntime for CPU, onnxruntime-gpu for CUDA: it chooses the lock file, requirements.lock or
+# requirements-gpu.lock (the same pins with onnxruntime-gpu; both made by `make lock`).
 ARG ONNXRUNTIME_PACKAGE=onnxruntime
 
 # ARG, not ENV: build-time only, never baked into an image.
@@ -43,18 +44,19 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, v
 
 WORKDIR /src
 
-# Dependencies first, in their own layer: it is rebuilt only when pyproject.toml changes.
-# Core dependencies only (the serving side); the `train` and `dev` extras stay out. The venv then
-# loses pip/setuptools and the packages' own test suites (not needed to serve, ~20 MB).
-COPY pyproject.toml ./
-RUN python3 -c "import re, sys, tomllib; \
-ort = sys.argv[1]; \
-deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
-name = lambda d: re.split(r'[\s;\[<>=!~,(]', d.strip(), maxsplit=1)[0].lower(); \
-print('\n'.join(ort + d.strip()[len('onnxruntime'):] if name(d) == 'onnxruntime' else d for d in deps))" \
-        "$ONNXRUNTIME_PACKAGE" >/tmp/requirements.txt \
-    && echo '--- installing:' && cat /tmp/requirements.txt \
-    && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt \
+# Dependencies first, in their own layer: it is rebuilt only when a lock file changes. Exactly the pinned
+# versions, each checked against its SHA-256 (--require-hashes): the image installs the same packages
+# whatever day it is built. The serving side only (no TensorFlow); the service's own code is copied into
+# the runtime stage below rather than installed, so that training and scoring code stay out of the image.
+# The venv then loses pip/setuptools and the packages' own test suites (not needed to serve, ~20 MB).
+COPY requirements.lock requirements-gpu.lock ./
+RUN case "$ONNXRUNTIME_PACKAGE" in \
+        onnxruntime) lock=requirements.lock ;; \
+        onnxruntime-gpu) lock=requirements-gpu.lock ;; \
+        *) echo "ONNXRUNTIME_PACKAGE must be onnxruntime or onnxruntime-gpu, not $ONNXRUNTIME_PACKAGE" >&2; exit 1 ;; \
+    esac \
+    && echo "--- installing $lock" \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r "$lock" \
     && { /opt/venv/bin/pip uninstall -y pip setuptools wheel >/dev/null 2>&1 || true; } \
     && find /opt/venv -depth -type d -name tests -path '*/site-packages/*' -exec rm -rf {} + \
     && ! /opt/venv/bin/python -c 'import tensorflow' 2>/dev/null
@@ -86,13 +88,18 @@ COPY service/ /app/service/
 # (PYTHONDONTWRITEBYTECODE, and /app is not the app user's), so without it every start compiles the
 # service's modules from source again, ~0.1 s of the time to ready.
 RUN /opt/venv/bin/python -m compileall -q /app/service
-# The committed model, baked in; mount a folder on /models (or point FASHION_SERVE_MODELS
-# elsewhere) to serve other models without rebuilding.
-COPY models/ /models/
+# The default model, baked in (the seed networks beside it in models/ are for comparison on a
+# workstation, not for the image: each would cost every pod memory and start-up time); mount a folder
+# on /models (or point FASHION_SERVE_MODELS elsewhere) to serve other models without rebuilding.
+COPY models/fashion-mnist-cnn/ /models/fashion-mnist-cnn/
 
 # ORT_DISABLE_TELEMETRY: recent onnxruntime wheels upload usage telemetry on Linux and try to keep
 # a device id under $HOME (none here); a serving container opts out. Override with -e if wanted.
+# MALLOC_*: glibc gives freed memory back after a burst of large images (two heaps, not 8 per core; blocks of
+# 1 MiB and more mapped on their own); each worker also sets them itself (service/memory.py).
 ENV PATH=/opt/venv/bin:$PATH \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=1048576 \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

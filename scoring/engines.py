@@ -9,17 +9,22 @@ import re
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from scoring import InputError
+from scoring.outputs import Scores
 from service import arrays, imaging
 from service.dataplane import Upload, decode_images
 from service.errors import ModelLoadError, ServiceError
-from service.model import Model
+from service.model import OOD_SCORE, Model
+
+if TYPE_CHECKING:
+    from scoring.inputs import Unit
+    from scoring.outputs import Progress, Row
 
 
 class Engine(Protocol):
@@ -30,9 +35,36 @@ class Engine(Protocol):
         """Probabilities [classes] or an error message, per path."""
         ...
 
-    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+    def score_array(self, chunk: np.ndarray) -> np.ndarray | list[np.ndarray]:
         """Probabilities [n, classes] of raw array rows; raises InputError for the whole chunk."""
         ...
+
+
+@runtime_checkable
+class BulkEngine(Protocol):
+    """An engine that runs the whole job itself (scoring.ray_engine on a Ray cluster) rather than one batch
+    per call: it scores the units (scoring.inputs.units) and calls `emit` for each image, in input order."""
+
+    classes: list[str]
+
+    @property
+    def description(self) -> str: ...  # read after the job: it may tell how the job went
+
+    def score_units(self, units: list[Unit], emit: Callable[[Row], None], progress: Progress) -> None: ...
+
+
+def run_unit(engine: Engine, unit: Unit) -> list[np.ndarray | str]:
+    """Probabilities [classes] or an error message for each image of `unit`, as `engine` scores them."""
+    if unit.broken is not None:
+        return [unit.broken.error]
+    if unit.images is not None:
+        return engine.score_images([source.path for source in unit.images])
+    assert unit.array is not None
+    chunk = unit.array.images[unit.start : unit.stop]
+    try:
+        return list(engine.score_array(chunk))
+    except InputError as exc:  # the chunk as a whole (its dtype or range): every row of it fails
+        return [str(exc)] * len(chunk)
 
 
 def unreadable(exc: OSError) -> str:
@@ -50,8 +82,15 @@ class LocalEngine:
         self.limits = imaging.ImageLimits()  # the server's defaults
         self.description = f"{model.name} version {model.version} on {', '.join(model.providers_in_use)}"
 
-    def _probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.model.run(batch, self.model.lean_outputs)[self.model.lean_outputs[0]]
+    def _probabilities(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Per image: its probabilities, as Scores with the OOD fields when the model serves them."""
+        model = self.model
+        result = model.run(batch, model.classify_outputs)  # with the OOD score, when the model serves one
+        probabilities = result[model.probabilities_output]
+        if model.ood is None or OOD_SCORE not in result:
+            return [Scores.of(row) for row in probabilities]
+        scores = result[OOD_SCORE]
+        return [Scores.of(*row) for row in zip(probabilities, scores, model.ood.passes(scores), strict=True)]
 
     def score_images(self, paths: list[Path]) -> list[np.ndarray | str]:
         results: list[np.ndarray | str | None] = []
@@ -67,7 +106,7 @@ class LocalEngine:
         decoded = (batch.failures[i].message if i in batch.failures else next(scored) for i in range(len(batch)))
         return [next(decoded) if r is None else r for r in results]
 
-    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+    def score_array(self, chunk: np.ndarray) -> list[np.ndarray]:
         try:
             batch = arrays.to_model_batch(chunk, len(chunk))
         except ServiceError as exc:
@@ -126,16 +165,20 @@ class RemoteEngine:
                 content_type = f"multipart/form-data; boundary={boundary}"
                 answer = self._request("POST", "/v1/predict/batch", body, content_type)["results"]
                 sent: Iterator[np.ndarray | str] = (
-                    item["error"] if item.get("error") else np.asarray(item["probabilities"], np.float32)
-                    for item in answer
+                    item["error"] if item.get("error") else _scores(item) for item in answer
                 )
             except InputError as exc:  # the request as a whole was refused: every image in it failed
                 sent = iter([str(exc)] * len(parts))
             results = [next(sent) if r is None else r for r in results]
         return [r for r in results if r is not None]
 
-    def score_array(self, chunk: np.ndarray) -> np.ndarray:
+    def score_array(self, chunk: np.ndarray) -> list[np.ndarray]:
         buffer = io.BytesIO()
         np.save(buffer, chunk, allow_pickle=False)
         answer = self._request("POST", "/v1/predict/batch", buffer.getvalue(), "application/x-npy")["results"]
-        return np.asarray([item["probabilities"] for item in answer], np.float32)
+        return [_scores(item) for item in answer]
+
+
+def _scores(item: dict[str, Any]) -> Scores:
+    """One /v1/predict/batch result: its probabilities with its OOD fields (when the server sends them)."""
+    return Scores.of(item["probabilities"], item.get("ood_score"), item.get("in_distribution"))

@@ -151,8 +151,17 @@ def walk(folder: Path) -> Iterator[Path]:
             yield path
 
 
-def plan(inputs: list[Path], classes: Sequence[str], labels_path: Path | None) -> list[Source]:
-    """Expand the inputs into sources, with their true labels where they can be known."""
+def is_labels_beside_images(path: Path) -> bool:
+    """t10k-labels-idx1-ubyte.gz or labels.npy next to the images file it labels (label_file_beside)."""
+    name = path.name.replace("labels", "images").replace("idx1", "idx3")
+    return name != path.name and path.with_name(name).is_file()
+
+
+def plan(
+    inputs: list[Path], classes: Sequence[str], labels_path: Path | None, skipped: list[Path] | None = None
+) -> list[Source]:
+    """Expand the inputs into sources, with their true labels where they can be known. Files in folders that
+    are neither images nor arrays nor the label files beside them are appended to `skipped`."""
     sources: list[Source] = []
     for given in inputs:
         if given.is_dir():
@@ -160,8 +169,12 @@ def plan(inputs: list[Path], classes: Sequence[str], labels_path: Path | None) -
                 suffix = path.suffix.lower()
                 if suffix in IMAGE_SUFFIXES:
                     sources.append(ImageSource(path, class_from_folder(path.parent.name, classes)))
-                elif suffix in ARRAY_SUFFIXES or (is_idx_name(path) and "idx1" not in path.name.lower()):
+                elif is_labels_beside_images(path) or (is_idx_name(path) and "idx1" in path.name.lower()):
+                    continue  # labels: read with the images they belong to
+                elif suffix in ARRAY_SUFFIXES or is_idx_name(path):
                     sources.append(load_array_source(path, classes, None))
+                elif skipped is not None:
+                    skipped.append(path)
         elif is_array_input(given):
             sources.append(load_array_source(given, classes, labels_path))
         else:
@@ -198,3 +211,61 @@ def load_array_source(path: Path, classes: Sequence[str], labels_path: Path | No
 def count(sources: list[Source]) -> int:
     """How many images the sources hold (one per image or broken source, one per array row)."""
     return sum(len(s.images) if isinstance(s, ArraySource) else 1 for s in sources)
+
+
+@dataclass
+class Unit:
+    """One model run of the scorer, made the same way whichever engine runs it (so that every engine runs the
+    same batches and gets the same answers): consecutive image files, up to `batch_size` rows of one array
+    (rows start:stop), or one input that could not be read (no model run)."""
+
+    images: list[ImageSource] | None = None
+    array: ArraySource | None = None
+    start: int = 0
+    stop: int = 0
+    broken: BrokenSource | None = None
+
+    def __len__(self) -> int:
+        if self.images is not None:
+            return len(self.images)
+        return self.stop - self.start if self.array is not None else 1
+
+    def names(self) -> list[str]:
+        """Each image's `source` in the output: its path, or `array#row`."""
+        if self.images is not None:
+            return [str(s.path) for s in self.images]
+        if self.array is not None:
+            return [f"{self.array.path}#{i}" for i in range(self.start, self.stop)]
+        assert self.broken is not None
+        return [str(self.broken.path)]
+
+    def truths(self) -> list[int | None]:
+        if self.images is not None:
+            return [s.truth for s in self.images]
+        if self.array is not None:
+            labels = self.array.labels
+            return [None if labels is None else int(labels[i]) for i in range(self.start, self.stop)]
+        return [None]
+
+
+def units(sources: list[Source], batch_size: int) -> Iterator[Unit]:
+    """The sources as model runs, in input order: image files gathered up to `batch_size` at a time (a run
+    ends at the next array or broken input, which keeps rows in input order), arrays cut into chunks."""
+    pending: list[ImageSource] = []
+    for source in sources:
+        if isinstance(source, ImageSource):
+            pending.append(source)
+            if len(pending) >= batch_size:
+                yield Unit(images=pending)
+                pending = []
+            continue
+        if pending:
+            yield Unit(images=pending)
+            pending = []
+        if isinstance(source, BrokenSource):
+            yield Unit(broken=source)
+            continue
+        for start in range(0, len(source.images), batch_size):
+            yield Unit(array=source, start=start, stop=min(start + batch_size, len(source.images)))
+    if pending:
+        yield Unit(images=pending)

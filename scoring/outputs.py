@@ -7,13 +7,34 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from service import dataplane
 
+if TYPE_CHECKING:
+    from scoring.inputs import Unit
+
 MAX_REPORTED_FAILURES = 20  # in the summary; every failure still gets its row in the output
+
+
+class Scores(np.ndarray):
+    """One image's class probabilities (a float32 vector, and usable as one) carrying its out-of-distribution
+    fields, `ood_score` and `in_distribution` (None where the model serves no OOD score): numpy's way of
+    attaching metadata to an array, so that whatever treats a result as a probability vector still works."""
+
+    ood_score: float | None = None
+    in_distribution: bool | None = None
+
+    @classmethod
+    def of(
+        cls, probabilities: np.ndarray, ood_score: float | None = None, in_distribution: bool | None = None
+    ) -> Scores:
+        scores = np.asarray(probabilities, np.float32).view(cls)
+        scores.ood_score = None if ood_score is None else float(ood_score)
+        scores.in_distribution = None if in_distribution is None else bool(in_distribution)
+        return scores
 
 
 @dataclass
@@ -24,18 +45,51 @@ class Row:
     error: str | None = None
 
 
+def unit_rows(unit: Unit, results: list[np.ndarray | str]) -> list[Row]:
+    """The output rows of one unit (scoring.inputs.Unit) from its results, one per image: probabilities or
+    an error message."""
+    return [
+        Row(name, None, truth, result) if isinstance(result, str) else Row(name, result, truth)
+        for name, truth, result in zip(unit.names(), unit.truths(), results, strict=True)
+    ]
+
+
 def _p(value: float) -> float:
     """A float32 probability as its shortest decimal: 0.98765433, not 0.9876543283462524."""
     return float(str(np.float32(value)))
 
 
+PARQUET_ROW_GROUP = 8192  # rows per Parquet row group: written as they fill, so memory stays bounded
+
+
 class Writer:
-    def __init__(self, stream: IO[str], fmt: str, classes: list[str], top_k: int) -> None:
+    """Rows as CSV or JSON Lines on a text stream, or as Parquet (pyarrow) on a binary one; close() finishes
+    a Parquet file (its footer) and is a no-op otherwise."""
+
+    def __init__(self, stream: IO[Any], fmt: str, classes: list[str], top_k: int) -> None:
         self.stream, self.fmt, self.classes, self.top_k = stream, fmt, classes, top_k
+        self.pending: list[dict[str, Any]] = []
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            fields = [
+                ("source", pa.string()), ("label", pa.string()), ("class_id", pa.int32()),
+                ("probability", pa.float32()), ("true_label", pa.string()), ("true_class_id", pa.int32()),
+                ("error", pa.string()), ("probabilities", pa.list_(pa.float32())),
+            ]  # fmt: skip
+            if top_k > 1:
+                item = pa.struct([("label", pa.string()), ("class_id", pa.int32()), ("probability", pa.float32())])
+                fields.insert(7, ("top_k", pa.list_(item)))
+            fields.insert(4, ("ood_score", pa.float32()))
+            fields.insert(5, ("in_distribution", pa.bool_()))
+            self.schema = pa.schema(fields)
+            self.parquet = pq.ParquetWriter(stream, self.schema)
         if fmt == "csv":
             ranks = [f"top{r}_{what}" for r in range(2, top_k + 1) for what in ("label", "probability")]
             self.columns = [
-                "source", "label", "class_id", "probability", "true_label", "true_class_id", "error",
+                "source", "label", "class_id", "probability", "ood_score", "in_distribution", "true_label",
+                "true_class_id", "error",
                 *ranks, *(f"p_{name}" for name in classes),
             ]  # fmt: skip
             self.csv = csv.DictWriter(stream, self.columns, lineterminator="\n")
@@ -43,6 +97,10 @@ class Writer:
 
     def record(self, row: Row) -> dict[str, Any]:
         out: dict[str, Any] = {"source": row.source, "label": None, "class_id": None, "probability": None}
+        # Out-of-distribution (service/ood.py): null where the model serves no OOD score, or the image failed.
+        ood_score = getattr(row.probabilities, "ood_score", None)
+        out["ood_score"] = None if ood_score is None else _p(ood_score)
+        out["in_distribution"] = getattr(row.probabilities, "in_distribution", None)
         if row.probabilities is not None:
             order = dataplane.top_k(row.probabilities[None], self.top_k)[0].tolist()
             best = order[0]
@@ -59,6 +117,11 @@ class Writer:
 
     def write(self, row: Row) -> None:
         record = self.record(row)
+        if self.fmt == "parquet":
+            self.pending.append(record)
+            if len(self.pending) >= PARQUET_ROW_GROUP:
+                self._flush_parquet()
+            return
         if self.fmt == "jsonl":
             record.setdefault("probabilities", None)
             self.stream.write(json.dumps(record) + "\n")
@@ -69,6 +132,18 @@ class Writer:
         for name, value in zip(self.classes, record.get("probabilities") or [], strict=False):
             flat[f"p_{name}"] = value
         self.csv.writerow(flat)
+
+    def _flush_parquet(self) -> None:
+        if self.pending:
+            import pyarrow as pa
+
+            self.parquet.write_table(pa.Table.from_pylist(self.pending, self.schema))
+            self.pending = []
+
+    def close(self) -> None:
+        if self.fmt == "parquet":
+            self._flush_parquet()
+            self.parquet.close()
 
 
 class Progress:
@@ -108,6 +183,7 @@ class Stats:
     labelled: int = 0
     correct: int = 0
     failures: list[str] = field(default_factory=list)  # the first few, for the summary
+    skipped: int = 0  # files in folders that are neither images nor arrays
     predicted: np.ndarray = field(init=False)
     true: np.ndarray = field(init=False)
     hits: np.ndarray = field(init=False)
@@ -155,4 +231,6 @@ class Stats:
         lines += [f"failed: {failure}" for failure in self.failures]
         if self.failed > len(self.failures):
             lines.append(f"failed: ... and {self.failed - len(self.failures)} more (see the output's error column)")
+        if self.skipped:
+            lines.append(f"skipped {self.skipped} file{'s' if self.skipped != 1 else ''} (not images or arrays)")
         return "\n".join(lines)

@@ -14,12 +14,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service import __version__
-from service.api import endpoints, health, rest, v2, web
-from service.api.middleware import MIDDLEWARE_RESPONSES, configure_access_log, install_middleware
+from service.api import docs, endpoints, health, protocol, rest, v2, web
+from service.api import explain as explain_api
+from service.api import repository as repository_api
+from service.api.middleware import (
+    HEALTH_PATHS,
+    MIDDLEWARE_RESPONSES,
+    configure_access_log,
+    install_middleware,
+    parse_api_keys,
+)
 from service.dataplane import DataPlane
 from service.errors import ServiceError, error_body
 from service.metrics import Metrics, MetricsMiddleware
 from service.model import Model
+from service.repository import Repository
 from service.settings import LOG_FORMAT, Settings
 
 log = logging.getLogger("service")
@@ -50,21 +59,22 @@ def serving_gc() -> Iterator[None]:
 
 
 # The routes that read a request body: plain endpoints (service/api/endpoints.py).
-ENDPOINTS = [*rest.ENDPOINTS, *v2.ENDPOINTS, *web.ENDPOINTS]
+ENDPOINTS = [*rest.ENDPOINTS, *explain_api.ENDPOINTS, *v2.ENDPOINTS, *web.ENDPOINTS, *repository_api.ENDPOINTS]
 
 
-def create_app(settings: Settings | None = None, model: Model | None = None) -> FastAPI:
-    """The app; `model` (tests, the CLI's fail-fast check) is served instead of the one the settings name."""
+def create_app(
+    settings: Settings | None = None, model: Model | None = None, repository: Repository | None = None
+) -> FastAPI:
+    """The app. It serves the model repository the settings name (`repository`: one already preloaded, as
+    python -m service hands it over after its fail-fast check); `model` (tests) is served alone instead."""
     settings = settings or Settings()
     metrics = Metrics()
-    plane = DataPlane(settings, model)
-    plane.batch_observers.append(metrics.observe_batch)
+    plane = DataPlane(settings, model, repository)
+    plane.observers.append(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await plane.open()
-        served = plane.model()
-        metrics.model_info.labels(served.name, served.version, ",".join(served.providers_in_use)).set(1)
         try:
             with serving_gc():
                 yield
@@ -78,6 +88,8 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
         'Inference Protocol (`/v2`). Every error is JSON: `{"error": "..."}`.',
         lifespan=lifespan,
         responses=MIDDLEWARE_RESPONSES,
+        docs_url=None,  # /docs and /redoc come from service/api/docs.py, with their files served here
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.dataplane = plane
@@ -85,29 +97,40 @@ def create_app(settings: Settings | None = None, model: Model | None = None) -> 
     install_middleware(
         app,
         api_keys=settings.api_key.get_secret_value() if settings.api_key else None,
+        public_pages=web.PUBLIC_PATHS | docs.PUBLIC_PATHS,
         max_in_flight=settings.max_in_flight,
         request_timeout_s=settings.request_timeout_s or None,
+        body_idle_timeout_s=settings.body_idle_timeout_s,
+        max_body_bytes=settings.max_request_bytes,
+        budget=plane.budget,
     )
+    protocol.configure(settings.header_timeout_s)  # the HTTP connection's limits, in this worker process
     # Added last, so outermost: metrics count the 401/431/503/504 answers of the middleware too.
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     # First in the table: the router tries routes in order, and these take nearly every request.
     app.router.routes[:0] = [endpoint.route() for endpoint in ENDPOINTS]
     app.include_router(health.router)
     app.include_router(rest.router)
+    app.include_router(repository_api.router)  # before v2's: /v2/models/stats is not a model's metadata
     app.include_router(v2.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     install_error_handlers(app)
-    document_endpoints(app)
+    secured = settings.api_key is not None and bool(parse_api_keys(settings.api_key.get_secret_value()))
+    document_endpoints(app, secured=secured)
     return app
 
 
-def document_endpoints(app: FastAPI) -> None:
-    """FastAPI documents its own routes; the plain endpoints are added to the same document."""
+def document_endpoints(app: FastAPI, secured: bool = False) -> None:
+    """FastAPI documents its own routes; the plain endpoints are added to the same document, and with
+    `secured` (an API key configured) the key's security schemes."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             endpoints.document(generate(), ENDPOINTS, MIDDLEWARE_RESPONSES)
+            if secured and app.openapi_schema is not None:
+                docs.document_security(app.openapi_schema, HEALTH_PATHS)
         return app.openapi_schema or {}
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -120,7 +143,7 @@ def json_error(status: int, message: str, headers: Mapping[str, str] | None = No
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> Response:
-        return json_error(exc.status_code, exc.message)
+        return json_error(exc.status_code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:

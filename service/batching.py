@@ -162,7 +162,8 @@ class Batcher:
             self._running = []
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Pending]) -> None:
-        names = sorted({n for p in live for n in p.outputs}, key=self.model.output_names.index)
+        order = self.model.output_names  # the graph's outputs; those computed from them (ood_score) after them
+        names = sorted({n for p in live for n in p.outputs}, key=lambda n: order.index(n) if n in order else len(order))
         start = time.perf_counter()
         try:
             batch = live[0].batch if len(live) == 1 else np.concatenate([p.batch for p in live])

@@ -12,6 +12,7 @@ images are decoded on the event loop; anything bigger, or in another format, in 
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service import arrays, imaging
+from service import arrays, explain, imaging, memory
 from service.batching import Batcher, BatchStats
-from service.errors import BadInput, NotFound, NotReady, ServiceError
-from service.model import Model, build_model
+from service.errors import BadInput, Busy, NotFound, NotReady, ServiceError
+from service.memory import MemoryBudget
+from service.model import OOD_SCORE, Model, TensorSpec
+from service.repository import Observer, Repository, VersionPolicy
 from service.settings import Settings
 
 # Inline decoding: a PNG of at most this many pixels (judged from its header) whose file is at most
@@ -88,6 +91,30 @@ def class_scores(classes: Sequence[str], probabilities: np.ndarray, k: int) -> l
     ]
 
 
+def scored(model: Model, result: dict[str, np.ndarray], k: int) -> list[dict[str, Any]]:
+    """class_scores of a run's probabilities, each with `ood_score` and `in_distribution` (service/ood.py)
+    when the model serves an out-of-distribution score and the run fetched its embedding."""
+    scores = class_scores(model.card.classes, result[model.probabilities_output], k)
+    ood = model.ood
+    if ood is not None and (OOD_SCORE in result or model.ood_output in result):
+        # Computed by Model.run for the whole batch when the run asked for it (classify does), else here.
+        ood_scores = result[OOD_SCORE] if OOD_SCORE in result else ood.score(result[model.ood_output])
+        for item, fields in zip(scores, ood.fields_of(ood_scores), strict=True):
+            item |= fields
+    return scores
+
+
+def derived_outputs(model: Model) -> list[TensorSpec]:
+    """Outputs computed from the graph's own (DataPlane.outputs), which the V2 protocol offers by name beside
+    them: the OOD score and flag per image, and Grad-CAM of the predicted class, [N, 28, 28]."""
+    specs = []
+    if model.ood is not None:
+        specs += [TensorSpec("ood_score", (-1,), "float32", "ood_score"), TensorSpec("in_distribution", (-1,), "bool")]
+    if model.head is not None:
+        specs.append(TensorSpec("gradcam", (-1, explain.SIZE, explain.SIZE), "float32", "attribution"))
+    return specs
+
+
 def decodes_inline(data: bytes, max_bytes: int) -> bool:
     """A small PNG, judged by its IHDR header (width, height) before anything is decoded."""
     if not max_bytes >= len(data) >= 24 or not data.startswith(imaging.PNG_SIGNATURE) or data[12:16] != b"IHDR":
@@ -96,109 +123,212 @@ def decodes_inline(data: bytes, max_bytes: int) -> bool:
     return width * height <= INLINE_PNG_PIXELS
 
 
-def decode_images(files: Sequence[Upload], limits: imaging.ImageLimits) -> Batch:
-    """Image files -> one batch; a file that fails gets its own error and the others go on."""
+def decode_images(files: Sequence[Upload], limits: imaging.ImageLimits, budget: MemoryBudget | None = None) -> Batch:
+    """Image files -> one batch; a file that fails gets its own error and the others go on. Each decode holds
+    its working memory from `budget` (no room in time: the whole request is 503, Busy); a cancelled request
+    stops before its next image (memory.Cancelled)."""
     tensors, failures = [], {}
     for index, upload in enumerate(files):
+        memory.check_cancelled()
         try:
             if arrays.is_array_file(upload.data, upload.filename):
                 raise BadInput("send an array file on its own, not among images")
-            tensors.append(imaging.preprocess(upload.data, limits))
+            tensors.append(imaging.preprocess(upload.data, limits, budget))
+        except Busy:
+            raise  # the server's state, not this file's fault: the request is retried as a whole
         except ServiceError as exc:
             failures[index] = exc
     tensor = np.stack(tensors) if tensors else np.zeros((0, 28, 28, 1), np.float32)
     return Batch(tensor, [u.filename for u in files], failures)
 
 
-def decode_uploads(files: Sequence[Upload], limits: imaging.ImageLimits, max_rows: int) -> Batch:
+def decode_uploads(
+    files: Sequence[Upload], limits: imaging.ImageLimits, max_rows: int, budget: MemoryBudget | None = None
+) -> Batch:
     """Image files, or one .npy/.npz array file of [N, 28, 28(, 1)] (then one item per row)."""
     if len(files) == 1 and arrays.is_array_file(files[0].data, files[0].filename):
-        tensor = arrays.load_array_file(files[0].data, max_rows)
+        tensor = arrays.load_array_file(files[0].data, max_rows, budget)
         return Batch(tensor, [files[0].filename] * len(tensor))
-    return decode_images(files, limits)
+    return decode_images(files, limits, budget)
 
 
 # ------------------------------------------------------------------------------------- the data plane
 
 
 class DataPlane:
-    """What is served and how inputs reach it. `open()` loads the model (unless given one already
-    loaded) and starts its batcher; until then, and after `close()`, every request is 503."""
+    """What is served and how inputs reach it. `open()` opens the model repository (service/repository.py:
+    every model and version its policies choose, each loaded and warmed with its own batcher; or only
+    `model`, when one is given); until then, and after `close()`, every request is 503."""
 
-    def __init__(self, settings: Settings, model: Model | None = None) -> None:
+    def __init__(self, settings: Settings, model: Model | None = None, repository: Repository | None = None) -> None:
         self.settings = settings
         self.limits = imaging.ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        self._model = model
-        self._batcher: Batcher | None = None
-        # Called after each session run with (batch size, each caller's queue time, run time): metrics.
-        self.batch_observers: list[Callable[[int, list[float], float], None]] = []
+        # One per process: what requests may spend on bodies, decodes and parses at once (service/memory.py).
+        self.budget: MemoryBudget | None = None
+        if settings.memory_budget_mb:
+            self.budget = MemoryBudget(settings.memory_budget_mb * memory.MIB, wait_s=settings.memory_wait_s)
+            memory.tune_allocator()  # freed memory goes back to the system after bursts
+        self.repository = repository or Repository(settings, model)
+        # Told about each loaded version's batches, versions served and released, failed loads: metrics.
+        self.observers: list[Observer] = self.repository.observers
+        self._live = self.repository.live  # id(model) -> its Served; the same dict, kept up to date there
 
     async def open(self) -> None:
-        model = self._model or build_model(self.settings)
-        if not model.ready:
-            await asyncio.to_thread(model.load)
-        batcher = Batcher(model, self.settings.batch_max_size, self.settings.batch_max_delay_ms)
-        batcher.observers.extend(self.batch_observers)
-        await batcher.start()
-        self._model, self._batcher = model, batcher
+        await self.repository.open()
 
     async def close(self) -> None:
-        batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            await batcher.stop()
+        await self.repository.close()
 
     # ------------------------------------------------------------------------------ what is served
 
     @property
     def ready(self) -> bool:
-        return self._batcher is not None and self._model is not None and self._model.ready
+        """The default model is ready to answer; with no default model, at least one model is."""
+        return self.repository.table.ready()
+
+    def readiness(self) -> dict[str, Any]:
+        """/readyz's body; 503 while not `ready`."""
+        table = self.repository.table
+        if not table.ready():
+            if table.default is not None:
+                raise NotReady("model not ready")
+            if table.default_name is None and table.versions:
+                raise NotReady("no model ready")
+            raise table.missing_default()
+        body: dict[str, Any] = {"status": "ready"}
+        if table.default is not None:
+            model = table.default.model
+            body |= {
+                "model": model.name,
+                "version": model.version,
+                "providers": model.providers_in_use,
+                "warnings": model.provider_warnings,
+            }
+        body["models"] = {name: list(versions) for name, versions in table.versions.items()}
+        return body
 
     @property
     def batch_stats(self) -> BatchStats | None:
-        """How the served model's batches have looked (None before `open()`)."""
-        return self._batcher.stats if self._batcher is not None else None
+        """How the default model's batches have looked (None before `open()`)."""
+        served = self.repository.table.default
+        return served.batcher.stats if served is not None and served.batcher is not None else None
 
     def loaded(self) -> Model | None:
-        """The served model, ready or not (None before it is read)."""
-        return self._model
+        """The default model, ready or not (None when there is none)."""
+        served = self.repository.table.default
+        return served.model if served is not None else None
 
     def model(self, name: str | None = None, version: str | None = None, *, ready: bool = True) -> Model:
-        """The model `name` (any name: the served one) at `version` (any: the served one). 404 for an
-        unknown name or version, 503 while it is not ready (unless `ready=False`)."""
-        model = self._model
-        if model is None:
-            raise NotReady("model not loaded yet")
-        if name is not None and name != model.name:
-            raise NotFound(f"unknown model {name!r}; serving {model.name!r}")
-        if version is not None and version != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r} being served; serving version {model.version!r}")
-        if ready and not self.ready:
+        """The model `name` (None: the default model) at `version` (None: its highest loaded version). 404
+        for an unknown name or version (or no default model among several), 503 while it is not ready
+        (unless `ready=False`). The request path: dictionary lookups on the routing table, nothing more."""
+        table = self.repository.table
+        if name is None:
+            served = table.default
+            if served is None:
+                raise table.missing_default()
+        else:
+            versions = table.versions.get(name)
+            if versions is None:
+                raise table.unknown(name)
+            if version is None:
+                served = next(iter(versions.values()))
+            else:
+                found = versions.get(version)
+                if found is None:
+                    raise NotFound(f"model {name!r} has no version {version!r} loaded; loaded: {', '.join(versions)}")
+                served = found
+        model = served.model
+        if ready and not model.ready:
             raise NotReady("model not ready" if name is None else f"model {name!r} is not ready")
         return model
+
+    def versions(self, name: str) -> list[str]:
+        """The loaded versions of model `name`, highest first (404 if none)."""
+        table = self.repository.table
+        if name not in table.versions:
+            raise table.unknown(name)
+        return list(table.versions[name])
+
+    def model_names(self) -> list[str]:
+        """The models with a loaded version (503 before `open()`)."""
+        table = self.repository.table
+        if not table.open and not table.versions:
+            raise NotReady("model not loaded yet")
+        return list(table.versions)
+
+    def metadata(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """One version's metadata (/v1/models), its `versions` those loaded."""
+        model = self.model(name, version)
+        return model.metadata(self.versions(model.name))
+
+    def batcher(self, name: str | None = None, version: str | None = None) -> Batcher:
+        """The batcher of a loaded version (tests and benchmarks look at it)."""
+        served = self._live.get(id(self.model(name, version)))
+        if served is None or served.batcher is None:
+            raise NotReady("model not being served")
+        return served.batcher
+
+    # ------------------------------------------------------------------------------ the repository
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        return self.repository.index(ready_only)
+
+    async def load_model(self, name: str, config: str | None = None) -> None:
+        """Load or reload model `name` from the repository; `config`, Triton's JSON model configuration,
+        may give its version_policy (nothing else of it is read)."""
+        policy = None
+        if config:
+            try:
+                raw = json.loads(config)
+                if not isinstance(raw, dict):
+                    raise ValueError("not an object")
+                policy = VersionPolicy.from_config(raw["version_policy"]) if "version_policy" in raw else None
+            except ValueError as exc:
+                raise BadInput(f"parameters.config: {exc}") from None
+        await self.repository.load(name, policy)
+
+    async def unload_model(self, name: str) -> None:
+        await self.repository.unload(name)
+
+    def statistics(self, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        return self.repository.statistics(name, version)
 
     # ---------------------------------------------------------------------------------------- inputs
 
     async def off_loop(self, work: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """`work(*args)`, in a worker thread unless `inline`: CPU work in proportion to a request must not
-        hold the event loop, which serves every other request of this process."""
-        return work(*args) if inline else await asyncio.to_thread(work, *args)
+        hold the event loop, which serves every other request of this process. When the awaiting request is
+        cancelled (its time limit, its client gone), the thread's work sees memory.check_cancelled() raise at
+        its next check (between images, in budget waits) and stops."""
+        if inline:
+            return work(*args)
+        with memory.cancellable() as token:  # copied into the thread's context by to_thread
+            try:
+                return await asyncio.to_thread(work, *args)
+            except asyncio.CancelledError:
+                token.set()
+                raise
 
     def decodes_inline(self, data: bytes) -> bool:
         return decodes_inline(data, self.settings.inline_decode_max_bytes)
 
     async def image(self, data: bytes) -> np.ndarray:
         """One image file -> float32 [1, 28, 28, 1]."""
-        tensor = await self.off_loop(imaging.preprocess, data, self.limits, inline=self.decodes_inline(data))
-        return tensor[None]
+        # Inline decodes (a PNG of at most INLINE_PNG_PIXELS, on the event loop, one at a time) take no budget.
+        if self.decodes_inline(data):
+            return imaging.preprocess(data, self.limits)[None]
+        return (await self.off_loop(imaging.preprocess, data, self.limits, self.budget))[None]
 
     async def uploads(self, files: Sequence[Upload]) -> Batch:
         """Image files (each may fail on its own), or one array file."""
-        return await self.off_loop(decode_uploads, files, self.limits, self.settings.max_batch_images)
+        return await self.off_loop(decode_uploads, files, self.limits, self.settings.max_batch_images, self.budget)
 
     async def images(self, files: Sequence[Upload]) -> Batch:
         """Image files only (each may fail on its own)."""
-        inline = all(self.decodes_inline(f.data) for f in files)
-        return await self.off_loop(decode_images, files, self.limits, inline=inline)
+        if all(self.decodes_inline(f.data) for f in files):
+            return decode_images(files, self.limits)
+        return await self.off_loop(decode_images, files, self.limits, self.budget)
 
     def array(self, values: np.ndarray) -> np.ndarray:
         """uint8 pixels or floats in [0, 1], [N, 28, 28(, 1)] -> the model's float32 batch."""
@@ -207,14 +337,96 @@ class DataPlane:
     # -------------------------------------------------------------------------------------- running
 
     async def infer(self, model: Model, tensor: np.ndarray, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """The named outputs for a float32 [N, 28, 28, 1] batch, through the model's batcher."""
-        if self._batcher is None or self._batcher.model is not model:
-            raise NotReady(f"model {model.name!r} is not being served")
-        return await self._batcher.run(tensor, list(outputs))
+        """The named outputs for a float32 [N, 28, 28, 1] batch, through the batcher of the model's version.
+        The request counts as in flight in that version for the whole call: a version being retired is
+        released only once its count is zero. A request that looked its version up before the version was
+        released and arrives only now is answered by that same model, directly: never by another version,
+        never with an error."""
+        served = self._live.get(id(model))
+        if served is None or served.batcher is None:
+            if not model.ready:
+                raise NotReady(f"model {model.name!r} is not ready")
+            return await asyncio.to_thread(model.run, tensor, list(outputs))
+        served.in_flight += 1
+        try:
+            return await served.batcher.run(tensor, list(outputs))
+        except Exception:
+            served.stats.fail_count += 1
+            raise
+        finally:
+            served.in_flight -= 1
+            if served.drained is not None and not served.in_flight:
+                served.drained.set()
 
     async def classify(self, model: Model, tensor: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Class scores (see class_scores) of each image of the batch."""
         if not len(tensor):
             return []
-        result = await self.infer(model, tensor, model.lean_outputs)
-        return class_scores(model.card.classes, result[model.lean_outputs[0]], k)
+        result = await self.infer(model, tensor, model.classify_outputs)
+        return scored(model, result, k)
+
+    async def outputs(self, model: Model, tensor: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The named outputs of a batch: the graph's own and those of derived_outputs(model), from one run."""
+        wanted = set(names)
+        needed = wanted & set(model.output_names)
+        ood = model.ood if wanted & {"ood_score", "in_distribution"} else None
+        head = model.head if "gradcam" in wanted else None
+        if ood is not None:
+            needed.add(model.ood_output)
+        if head is not None:
+            needed |= {model.probabilities_output, head.layer, head.embedding}
+        result = await self.infer(model, tensor, [n for n in model.output_names if n in needed])
+        if ood is not None:
+            scores = ood.score(result[model.ood_output])
+            result["ood_score"], result["in_distribution"] = scores, ood.passes(scores)
+        if head is not None:
+            predicted = result[model.probabilities_output].argmax(axis=1)
+            result["gradcam"] = explain.gradcam(head, result[head.layer], result[head.embedding], predicted)
+        return {name: result[name] for name in names}
+
+    # ---------------------------------------------------------------------------------- explanations
+
+    async def explain(
+        self,
+        model: Model,
+        tensor: np.ndarray,
+        method: explain.Method,
+        class_id: int | None = None,
+        k: int = 3,
+        patch: int = explain.DEFAULT_PATCH,
+        stride: int = explain.DEFAULT_STRIDE,
+    ) -> explain.Explanation:
+        """An attribution map of one image ([1, 28, 28, 1]) for `class_id` (default: the predicted class),
+        with the image's prediction (class scores and OOD fields). Grad-CAM: one run of the graph's
+        probabilities, last conv layer and embedding, then numpy (service/explain.py); occlusion: the image
+        and every occluded copy in one batch."""
+        if method is explain.Method.occlusion and stride > patch:
+            raise ServiceError(f"stride {stride} is larger than patch {patch}: some pixels would never be covered", 422)
+        if class_id is not None and not 0 <= class_id < len(model.card.classes):
+            raise ServiceError(
+                f"class_id {class_id} out of range: the model has {len(model.card.classes)} classes", 422
+            )
+        if method is explain.Method.gradcam:
+            head = model.head
+            if head is None:
+                raise NotFound(
+                    f"model {model.name!r} version {model.version!r} has no Grad-CAM head (its card lists no "
+                    "`explain` file): method=occlusion works for every model"
+                )
+            names = list(dict.fromkeys([*model.classify_outputs, head.layer, head.embedding]))
+            result = await self.infer(model, tensor, names)
+            prediction = scored(model, result, k)[0]
+            chosen = prediction["class_id"] if class_id is None else class_id
+            attribution = explain.gradcam(head, result[head.layer], result[head.embedding], np.array([chosen]))[0]
+            details: dict[str, Any] = {"layer": head.layer, "target": "logit"}
+        else:
+            copies = await self.off_loop(explain.occluded, tensor[0], patch, stride)
+            # The OOD score is the image's own (row 0): the copies need only their probabilities.
+            outputs = [model.probabilities_output] + ([model.ood_output] if model.ood is not None else [])
+            result = await self.infer(model, np.concatenate([tensor, copies]), outputs)
+            probabilities = result[model.probabilities_output]
+            prediction = scored(model, {name: values[:1] for name, values in result.items()}, k)[0]
+            chosen = prediction["class_id"] if class_id is None else class_id
+            attribution = explain.occlusion_map(probabilities[0, chosen], probabilities[1:, chosen], patch, stride)
+            details = {"target": "probability", "patch": patch, "stride": stride, "baseline": 0.0}
+        return explain.Explanation(method, chosen, model.card.classes[chosen], attribution, prediction, details)

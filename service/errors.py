@@ -10,6 +10,7 @@ import orjson
 
 class ServiceError(Exception):
     status_code = 500
+    headers: dict[str, str] | None = None  # extra response headers (Retry-After), None: none
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -36,6 +37,16 @@ class UnsupportedMedia(ServiceError):
 
 class NotReady(ServiceError):
     status_code = 503
+
+
+class Busy(ServiceError):
+    """No room right now (the memory budget): 503 with Retry-After, a retry later will do."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class ModelLoadError(Exception):

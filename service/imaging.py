@@ -17,12 +17,15 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from service.errors import BadInput, TooLarge, UnsupportedMedia
+from service import memory
+from service.errors import BadInput, ServiceError, TooLarge, UnsupportedMedia
+from service.memory import MemoryBudget
 
 SIZE = 28  # Fashion-MNIST images are 28x28
 # A garment pixel differs from the background by more than this fraction of the garment's peak
@@ -36,7 +39,27 @@ LIGHT_CONTENT = 200
 RESAMPLE = Image.Resampling.LANCZOS
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale (in the DCT, nearly free) as long as the longest edge
 # stays at least this long: far more detail than 28 px needs, even for a garment a quarter of the frame.
+# Other formats are decoded whole and then reduced (box-averaged by a whole factor, Image.reduce) to the
+# same edge before anything else is done with them: every later step works on a small image.
 JPEG_DRAFT_EDGE = 448
+# Bytes per pixel of Pillow's storage, by mode: 1 for 1/L/P, 2 for I;16*, else 4 (RGB, LA, I, F, ... are
+# stored in 32 bits). What a decode costs is judged from this and the header, before any pixel is decoded.
+_ONE_BYTE_MODES = frozenset({"1", "L", "P"})
+# Working memory beyond the decoded pixels, in bytes per pixel, by format: libtiff's strip or RGBA raster
+# buffers; libwebp's two canvases and the frame's bytes. Measured (peak RSS of one decode,
+# tests/unit/test_memory.py).
+_DECODER_BYTES_PER_PIXEL = {"TIFF": 4, "WEBP": 12}
+# Opening a file (its header read into Python objects) costs up to this much per byte of file: TIFF tags are
+# read whole (a 4-byte value becomes a 36-byte int in a tuple); other formats keep about their metadata.
+_OPEN_BYTES_PER_FILE_BYTE = {"TIFF": 20}
+# PNG text chunks are read into memory up to this total (Pillow's default: 64 MiB); none is needed here.
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
+# The reduction works tile by tile (tiles of about REDUCE_TILE² pixels, each a whole number of boxes): the
+# conversions it needs (a palette or bilevel image expanded, since averaging palette indices means nothing;
+# 16-bit to 32-bit; alpha premultiplied, as Image.reduce does) then cost a few tiles, not a few full images.
+REDUCE_TILE = 1024
+# What the tiles, the reduced image and the conversions after it may cost at most, in bytes.
+_REDUCED_BYTES = REDUCE_TILE**2 * 16 + (2 * JPEG_DRAFT_EDGE) ** 2 * 16
 # Pillow names a phone's JPEG with extra pictures (a depth map, a preview) "MPO"; its first is a JPEG.
 _ALIASES = {"MPO": "JPEG"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -75,35 +98,81 @@ class ImageLimits:
         return ", ".join(sorted(self.formats))
 
 
-def preprocess(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+def preprocess(data: bytes, limits: ImageLimits = ImageLimits(), budget: MemoryBudget | None = None) -> np.ndarray:
     """Image file bytes -> float32 [28, 28, 1] in [0, 1]."""
-    return to_model_input(decode(data, limits))
+    return to_model_input(decode(data, limits, budget))
 
 
-def decode(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Checked, decoded, EXIF-upright first frame, flattened onto a background, mode "L"."""
+def decode_cost(width: int, height: int, mode: str, fmt: str | None) -> int:
+    """Worst-case bytes that decoding a width x height image of this mode and format holds at once: its
+    pixels as Pillow stores them, the decoder's own buffers, and the tiled reduction and the steps after it
+    (bounded whatever the size)."""
+    pixels = width * height
+    per_pixel = 1 if mode in _ONE_BYTE_MODES else 2 if mode.startswith("I;16") else 4
+    per_pixel += _DECODER_BYTES_PER_PIXEL.get(fmt or "", 0)
+    return pixels * per_pixel + min(pixels * 16, _REDUCED_BYTES)
+
+
+def decode(data: bytes, limits: ImageLimits = ImageLimits(), budget: MemoryBudget | None = None) -> Image.Image:
+    """Checked, decoded, EXIF-upright first frame, flattened onto a background, mode "L"; reduced to a
+    longest edge of about JPEG_DRAFT_EDGE-2*JPEG_DRAFT_EDGE when larger. With a `budget`, the decode's
+    working memory (decode_cost, from the header) is reserved from it first: 413 if it can never fit, 503
+    if no room comes in time."""
     if not data:
         raise BadInput("empty upload: no image data received")
     if len(data) > limits.max_bytes:
         raise TooLarge(f"image file is {len(data):,} bytes; the limit is {limits.max_bytes:,} bytes")
-    if (plain := _plain_png(data, limits)) is not None:
-        return _to_gray(plain)  # no orientation to apply: _plain_png takes no file that could carry one
+    with _reserve(budget, _plain_png_cost(data, limits), "PNG"):
+        if (plain := _plain_png(data, limits)) is not None:
+            # No orientation to apply: _plain_png takes no file that could carry one.
+            return _to_gray(_reduced(plain))
     _reject_documents(data, limits)
-    image = _open(data, limits)
-    width, height = image.size
+    claimed = _claimed_format(data)
+    # WebP's decoder allocates its canvas when the file is opened, before Pillow's own size check: the size
+    # comes from the file's header first (a 1 KB file claiming 16383 x 16383 asked for 2 GiB).
+    canvas = _webp_canvas(data) if claimed == "WEBP" and claimed in limits.formats else None
+    if canvas is not None:
+        _check_size(*canvas, limits)
+    # Opening reads the header into Python objects, in proportion to the file (TIFF tags above all).
+    opening = len(data) * _OPEN_BYTES_PER_FILE_BYTE.get(claimed or "", 2)
+    if canvas is not None:
+        opening += decode_cost(*canvas, "RGBA", "WEBP")
+    with _reserve(budget, opening, f"{claimed or 'image'} file"):
+        image = _open(data, limits)
+        _check_size(*image.size, limits)
+        return _decode_opened(image, budget if canvas is None else None)
+
+
+def _check_size(width: int, height: int, limits: ImageLimits) -> None:
     if width <= 0 or height <= 0:
         raise BadInput(f"image has zero size ({width}x{height})")
     if width * height > limits.max_pixels:
         raise TooLarge(
             f"image is {width}x{height} = {width * height:,} pixels; the limit is {limits.max_pixels:,} pixels"
         )
+
+
+def _decode_opened(image: Image.Image, budget: MemoryBudget | None) -> Image.Image:
+    """An opened image's first frame, decoded within its reservation, upright, reduced, grey."""
+    width, height = image.size
     try:
         if image.format in ("JPEG", "MPO") and max(width, height) >= 2 * JPEG_DRAFT_EDGE:
             scale = JPEG_DRAFT_EDGE / max(width, height)
             image.draft("L", (math.ceil(width * scale), math.ceil(height * scale)))
-        image.load()  # the first frame only, for GIF, WebP and TIFF
-        _exif_upright(image)
-        gray = _to_gray(image)
+        cost = decode_cost(*image.size, image.mode, image.format)  # after draft: the size it will decode at
+        with _reserve(budget, cost, f"{image.format} image of {image.size[0]}x{image.size[1]} {image.mode}"):
+            image.load()  # the first frame only, for GIF, WebP and TIFF
+            method = _orientation(image)
+            reduced = _reduced(image)
+            if reduced is image:
+                _exif_upright(image)
+            else:
+                image.close()  # the full-size pixels go now, not when the caller lets go
+                if method is not None:
+                    reduced = reduced.transpose(method)
+            gray = _to_gray(reduced)
+    except (ServiceError, memory.Cancelled):
+        raise
     except Image.DecompressionBombError as exc:
         raise TooLarge(f"image rejected as a decompression bomb: {exc}") from None
     except MemoryError:
@@ -140,6 +209,13 @@ def to_model_input(image: Image.Image) -> np.ndarray:
         return np.zeros((SIZE, SIZE, 1), np.float32)
     crop = pixels[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     crop_h, crop_w = crop.shape
+    if max(crop_h, crop_w) >= 4 * JPEG_DRAFT_EDGE:
+        # Work at most ~2*JPEG_DRAFT_EDGE px long: the margin below grows with the scale (a 12,500,000 x 2
+        # crop would need a 900,000-row margin), and 28 px need no more detail. decode() has reduced its
+        # images already; this is for callers that hand over a large one themselves.
+        factor = max(crop_h, crop_w) // (2 * JPEG_DRAFT_EDGE)
+        crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).reduce(factor))
+        crop_h, crop_w = crop.shape
 
     # The longest edge becomes 28 px and the other keeps the aspect ratio, rounded to whole pixels
     # as the data set's were. The source box is then widened or narrowed to match that rounding
@@ -227,6 +303,71 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def _reserve(budget: MemoryBudget | None, cost: int, what: str) -> Iterator[None]:
+    """Hold `cost` bytes of the budget while the block runs (nothing without a budget or a cost)."""
+    if budget is None or cost <= 0:
+        yield
+        return
+    with budget.reserve(cost, f"decoding this {what}"):
+        yield
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """The image box-averaged by a whole factor to a longest edge of JPEG_DRAFT_EDGE..2*JPEG_DRAFT_EDGE px, or
+    itself when it is not longer than that. Palette, bilevel and 16-bit images are expanded (Image.reduce
+    takes none of them), and a colour key ("transparency") becomes an alpha channel, which averages; all of it
+    tile by tile (REDUCE_TILE), each tile a whole number of boxes, so the result is Image.reduce's exactly."""
+    factor = max(image.size) // JPEG_DRAFT_EDGE
+    if factor < 2:
+        return image
+    width, height = image.size
+    step = max(factor, REDUCE_TILE // factor * factor)  # tile side: a multiple of the factor
+    out: Image.Image | None = None
+    for top in range(0, height, step):
+        for left in range(0, width, step):
+            tile = _expanded(image.crop((left, top, min(width, left + step), min(height, top + step))))
+            small = tile.reduce(factor)
+            if out is None:
+                out = Image.new(small.mode, (-(-width // factor), -(-height // factor)))
+            out.paste(small, (left // factor, top // factor))
+    assert out is not None
+    # 16-bit images are reduced as 32-bit and back, so that _to_gray scales them as the 16-bit images they are.
+    return out.convert("I;16") if image.mode.startswith("I;16") else out
+
+
+def _expanded(image: Image.Image) -> Image.Image:
+    """A mode Image.reduce takes and averages meaningfully."""
+    if image.mode.startswith("I;16"):
+        return image.convert("I")
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        transparent = image.mode == "PA" or "transparency" in image.info
+        return image.convert("RGBA" if transparent else "RGB")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The transposition the file's EXIF orientation asks for (as ImageOps.exif_transpose reads it); None
+    for none or unreadable EXIF."""
+    try:
+        return _TRANSPOSE.get(image.getexif().get(0x0112, 1))
+    except Exception:
+        return None
+
+
 def _reject_documents(data: bytes, limits: ImageLimits) -> None:
     """415 for the non-raster uploads people try most, which Pillow cannot (or should not) open."""
     if data.startswith(PNG_SIGNATURE):  # the usual upload: none of the below
@@ -240,6 +381,43 @@ def _reject_documents(data: bytes, limits: ImageLimits) -> None:
         raise UnsupportedMedia(f"SVG (vector) images are not accepted; send a raster image ({limits.allowed})")
     if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
         raise UnsupportedMedia(f"HEIC/AVIF images are not accepted; send one of {limits.allowed}")
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The format a file's first bytes claim (None: none of the usual ones)."""
+    return next((fmt for fmt, magic in _MAGIC if data.startswith(magic, _MAGIC_AT.get(fmt, 0))), None)
+
+
+def _webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """A WebP file's canvas size from its first chunk (VP8X, VP8L or VP8), without libwebp; None if unreadable
+    (Pillow then says what is wrong)."""
+    if len(data) < 30 or not data.startswith(b"RIFF") or data[8:12] != b"WEBP":
+        return None
+    kind = data[12:16]
+    if kind == b"VP8X":
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+    elif kind == b"VP8L" and data[20] == 0x2F:
+        (bits,) = struct.unpack_from("<I", data, 21)
+        width, height = 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    elif kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        width, height = (v & 0x3FFF for v in struct.unpack_from("<HH", data, 26))
+    else:
+        return None
+    return width, height
+
+
+def _plain_png_cost(data: bytes, limits: ImageLimits) -> int:
+    """What _plain_png would cost to decode, from the IHDR alone; 0 for files it would not take."""
+    if "PNG" not in limits.formats or not data.startswith(PNG_SIGNATURE) or data[8:16] != b"\0\0\0\x0dIHDR":
+        return 0
+    if len(data) < 33:
+        return 0
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    mode = _PLAIN_PNG_MODES.get(colour)
+    if mode is None or depth != 8 or not 0 < width * height <= limits.max_pixels:
+        return 0
+    return decode_cost(width, height, mode, "PNG")
 
 
 def _plain_png(data: bytes, limits: ImageLimits) -> Image.Image | None:
@@ -310,7 +488,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
             return image
         raise UnsupportedMedia(f"{image.format} images are not accepted; send one of {limits.allowed}")
 
-    claimed = next((fmt for fmt, magic in _MAGIC if data.startswith(magic, _MAGIC_AT.get(fmt, 0))), None)
+    claimed = _claimed_format(data)
     if claimed in limits.formats:
         raise BadInput(f"corrupt {claimed} file: its header could not be read")
     # Not an allowed format: find out whether it is an image at all, only to say which.

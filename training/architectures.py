@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+import numpy as np
 from keras import layers
 
-from training import ARCHITECTURE_NAMES, DEFAULT_ARCH
+from training import ARCHITECTURE_ALIASES, ARCHITECTURE_NAMES, DEFAULT_ARCH
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -35,8 +36,10 @@ def seed_cnn() -> keras.Model:
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
-def double_conv() -> keras.Model:
-    """The Polish seed's best variant: two convs before each pooling, dropout after each."""
+def double_conv_same() -> keras.Model:
+    """Two *same*-padded convs before each pooling (64, 64 → 128, 128), dropout after each: 1.06 M
+    parameters. Formerly called `double-conv` and described as the Polish blog's best network, which it
+    is not: the blog padded nothing (see `blog_4conv`). `double-conv` stays as an alias."""
     inputs = keras.Input(INPUT_SHAPE, name="image")
     x = layers.Conv2D(64, 3, padding="same", activation="relu", name="conv1")(inputs)
     x = layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2")(x)
@@ -49,7 +52,44 @@ def double_conv() -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="embedding")(x)
     outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="double_conv")
+    return keras.Model(inputs, outputs, name="double_conv_same")
+
+
+def _blog(convs: tuple[tuple[int, ...], ...], name: str) -> keras.Model:
+    """The Polish blog's convolutional networks, as it built them: 3×3 convs with *valid* padding (no
+    padding), each stage's convs followed by 2×2 max pooling and dropout 0.25, then Dense 128 ReLU and a
+    10-way softmax. (The blog's own code had two faults, fixed here and in its recipes: its held-out
+    images were never divided by 255, and its loss said `from_logits=True` on a softmax output.)"""
+    inputs = keras.Input(INPUT_SHAPE, name="image")
+    x = inputs
+    n = 0
+    for stage, filters in enumerate(convs, start=1):
+        for f in filters:
+            n += 1
+            x = layers.Conv2D(f, 3, padding="valid", activation="relu", name=f"conv{n}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{stage}")(x)
+        x = layers.Dropout(0.25, name=f"drop{stage}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="embedding")(x)
+    outputs = layers.Dense(NUM_CLASSES, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def blog_1conv() -> keras.Model:
+    """The blog's one-conv network: conv 64 (valid) → pool → dropout 0.25 → Dense 128 → Dense 10."""
+    return _blog(((64,),), "blog_1conv")
+
+
+def blog_2conv() -> keras.Model:
+    """The blog's two-conv network: conv 64 → pool → dropout → conv 128 → pool → dropout → Dense 128 →
+    Dense 10, all valid padding: 485,514 parameters (the blog says about 486 K)."""
+    return _blog(((64,), (128,)), "blog_2conv")
+
+
+def blog_4conv() -> keras.Model:
+    """The blog's four-conv network: conv 64, 64 → pool → dropout → conv 128, 128 → pool → dropout →
+    Dense 128 → Dense 10, all valid padding (28 → 26 → 24 → 12 → 10 → 8 → 4)."""
+    return _blog(((64, 64), (128, 128)), "blog_4conv")
 
 
 def _conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
@@ -82,16 +122,38 @@ def bn_cnn() -> keras.Model:
 
 
 ARCHITECTURES: dict[str, Callable[[], keras.Model]] = dict(
-    zip(ARCHITECTURE_NAMES, (mlp, seed_cnn, double_conv, bn_cnn), strict=True)
+    zip(
+        ARCHITECTURE_NAMES,
+        (mlp, seed_cnn, double_conv_same, bn_cnn, blog_1conv, blog_2conv, blog_4conv),
+        strict=True,
+    )
 )
 assert DEFAULT_ARCH in ARCHITECTURES
+assert all(target in ARCHITECTURES for target in ARCHITECTURE_ALIASES.values())
 
 
 def build(name: str) -> keras.Model:
     try:
-        return ARCHITECTURES[name]()
+        return ARCHITECTURES[ARCHITECTURE_ALIASES.get(name, name)]()
     except KeyError:
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}") from None
+
+
+def multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds for one image: Conv2D H_out·W_out·k_h·k_w·C_in·C_out (divided by its groups), Dense
+    in·out (per position, if its input is not flat). Biases, batch normalisation, activations, pooling
+    and dropout are not counted: they are a few per output, against k·k·C_in for a conv."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            _, h, w, c_out = layer.output.shape
+            k_h, k_w = layer.kernel_size
+            c_in = layer.input.shape[-1]
+            total += h * w * k_h * k_w * c_in * c_out // layer.groups
+        elif isinstance(layer, layers.Dense):
+            positions = int(np.prod(layer.input.shape[1:-1], dtype=np.int64))
+            total += positions * layer.input.shape[-1] * layer.units
+    return int(total)
 
 
 def feature_layers(model: keras.Model) -> list[str]:

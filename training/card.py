@@ -40,20 +40,25 @@ def build(
     name: str,
     version: str,
     onnx_path: Path,
-    probabilities_path: Path,
+    lean_path: Path,
+    lean_outputs: tuple[str, ...] | list[str],
     output_shapes: dict[str, list[int]],
     training: dict[str, object],
     parameters: int,
     data_sha256: dict[str, str],
+    multiply_adds: int | None = None,
     parity: dict[str, object],
-    probabilities_parity: dict[str, object],
+    lean_parity: dict[str, object],
     opset: int,
     metrics: dict[str, object] | None = None,
     created: str | None = None,
+    extras: dict[str, dict[str, object]] | None = None,
 ) -> dict[str, object]:
-    """The card of one exported version. `probabilities_path` is the graph with only the
-    probabilities as outputs, which the server prefers for runs that want nothing else; `created`
-    defaults to now."""
+    """The card of one exported version. `lean_path` is the graph with only `lean_outputs` as outputs (the
+    probabilities and the embedding), which the server prefers for runs that want nothing else; `extras`
+    are the entries of the files beside the graphs ({"explain": {"file": ..., ...}, "ood": ...}: each
+    gets its file's SHA-256); `created` defaults to now."""
+    folder = onnx_path.parent
     return {
         "name": name,
         "version": version,
@@ -72,12 +77,18 @@ def build(
         "metrics": metrics or {},
         "training": training,
         "parameters": parameters,
+        **({"multiply_adds": multiply_adds} if multiply_adds is not None else {}),  # per image, conv and dense
         "data": {"name": "Fashion-MNIST", "sha256": data_sha256},
         "onnx": {"file": onnx_path.name, "sha256": sha256_of(onnx_path), "opset": opset, "parity": parity},
-        "onnx_probabilities": {
-            "file": probabilities_path.name,
-            "sha256": sha256_of(probabilities_path),
-            "parity": probabilities_parity,
+        "onnx_lean": {
+            "file": lean_path.name,
+            "sha256": sha256_of(lean_path),
+            "outputs": list(lean_outputs),
+            "parity": lean_parity,
+        },
+        **{
+            key: {"file": entry["file"], "sha256": sha256_of(folder / str(entry["file"])), **entry}
+            for key, entry in (extras or {}).items()
         },
         "libraries": {"python": platform.python_version(), **{lib: _version(lib) for lib in LIBRARIES}},
         "created": created or datetime.now(UTC).isoformat(timespec="seconds"),

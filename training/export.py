@@ -4,16 +4,21 @@ tf2onnx's `from_keras` fails on Keras 3 models, so the model is wrapped in a `tf
 with an explicit input signature and converted with `from_function`; its tensors then get
 the names the service and the card use.
 
-Beside model.onnx goes model.probabilities.onnx: the same graph with `probabilities` as its only
-graph output. onnxruntime runs every node whatever outputs a run asks for, and copies each declared
-output out of its blocked layout on every run, so the server answers probability-only requests
-from this leaner graph.
+Beside model.onnx goes model.lean.onnx: the same graph with only `probabilities` and `embedding` as its
+graph outputs (what every prediction needs: the class probabilities, and the embedding its
+out-of-distribution score is computed from). onnxruntime runs every node whatever outputs a run asks
+for, and copies each declared output out of its blocked layout on every run, so the server answers
+those requests from this leaner graph; the conv feature maps are copied only when asked for.
+
+Files that depend on the exported graphs (the explanation head, the out-of-distribution parameters) are
+made by an `extras` callback from the graphs' bytes, after the gates and before anything is written.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +36,9 @@ from training.architectures import feature_layers  # noqa: E402
 OPSET = 17
 INPUT_NAME = "image"
 PROBABILITIES = "probabilities"
-PROBABILITIES_FILE = "model.probabilities.onnx"
+EMBEDDING = "embedding"
+LEAN_FILE = "model.lean.onnx"
+LEAN_OUTPUTS = (PROBABILITIES, EMBEDDING)  # those of them the graph has
 PARITY_SAMPLES = 1_000
 PARITY_ATOL = 1e-5
 
@@ -52,8 +59,10 @@ class Exported:
     """What `export` wrote and measured."""
 
     parity: Parity  # model.onnx against Keras
-    probabilities_path: Path  # the probabilities-only graph, beside model.onnx
-    probabilities_parity: Parity  # that graph against Keras; its probabilities equal model.onnx's bit for bit
+    lean_path: Path  # the lean graph, beside model.onnx
+    lean_outputs: tuple[str, ...]  # its outputs, probabilities first
+    lean_parity: Parity  # that graph against Keras; each of its outputs equals model.onnx's bit for bit
+    extras: tuple[Path, ...] = ()  # the files the extras callback made, beside model.onnx
 
 
 def output_names(model: keras.Model) -> list[str]:
@@ -89,17 +98,29 @@ def _rename(proto: onnx.ModelProto, mapping: dict[str, str]) -> None:
         node.output[:] = [mapping.get(n, n) for n in node.output]
 
 
-def probabilities_only(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `proto` whose only graph output is `probabilities`: same nodes, same weights."""
+def lean_graph(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose only graph outputs are `probabilities` and, when the graph has it,
+    `embedding`: same nodes, same weights."""
     lean = onnx.ModelProto()
     lean.CopyFrom(proto)
-    kept = [out for out in lean.graph.output if out.name == PROBABILITIES]
-    if not kept:
+    if not any(out.name == PROBABILITIES for out in lean.graph.output):
         raise ValueError(f"graph {proto.graph.name!r} has no {PROBABILITIES!r} output")
+    kept = [out for name in LEAN_OUTPUTS for out in lean.graph.output if out.name == name]
     del lean.graph.output[:]
     lean.graph.output.extend(kept)
     onnx.checker.check_model(lean)
     return lean
+
+
+def graph_outputs(onnx_bytes: bytes, images: np.ndarray, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The graph's outputs (all, or `names`) for `images`, from onnxruntime on CPU with one thread, in
+    batches of 500."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    names = names or [o.name for o in session.get_outputs()]
+    parts = [session.run(names, {INPUT_NAME: images[i : i + 500]}) for i in range(0, max(len(images), 1), 500)]
+    return {name: np.concatenate([part[k] for part in parts]) for k, name in enumerate(names)}
 
 
 def onnx_probabilities(onnx_bytes: bytes, images: np.ndarray) -> np.ndarray:
@@ -123,30 +144,43 @@ def check_parity(model: keras.Model, onnx_bytes: bytes, images: np.ndarray) -> P
     return parity
 
 
-def export(model: keras.Model, target: Path, parity_images: np.ndarray) -> Exported:
-    """Convert to `target` and its probabilities-only graph beside it (PROBABILITIES_FILE).
+Extras = Callable[[bytes, bytes], dict[str, bytes]]
 
-    Both graphs must pass the parity gate against Keras on `parity_images`, and the lean graph's
-    probabilities must equal the full graph's exactly; only then is each file moved into place
-    atomically. Nothing is written if a check fails.
+
+def export(model: keras.Model, target: Path, parity_images: np.ndarray, extras: Extras | None = None) -> Exported:
+    """Convert to `target` and its lean graph beside it (LEAN_FILE).
+
+    Both graphs must pass the parity gate against Keras on `parity_images`, and each of the lean graph's
+    outputs must equal the full graph's exactly; then `extras(full graph bytes, lean graph bytes)` makes
+    any files that depend on them ({file name: bytes}, beside `target`; it raises to stop the export).
+    Only then is each file moved into place atomically. Nothing is written if a check fails.
     """
     images = parity_images[:PARITY_SAMPLES]
     proto = to_onnx(model)
     data = proto.SerializeToString()
-    lean = probabilities_only(proto).SerializeToString()
+    lean_proto = lean_graph(proto)
+    lean = lean_proto.SerializeToString()
+    lean_outputs = tuple(out.name for out in lean_proto.graph.output)
     parity = check_parity(model, data, images)
-    if not np.array_equal(onnx_probabilities(lean, images), onnx_probabilities(data, images)):
-        raise ParityError(f"{PROBABILITIES_FILE}: probabilities differ from the full graph's")
+    got, want = graph_outputs(lean, images), graph_outputs(data, images, list(lean_outputs))
+    for name in lean_outputs:
+        if not np.array_equal(got[name], want[name]):
+            raise ParityError(f"{LEAN_FILE}: {name} differs from the full graph's")
     lean_parity = check_parity(model, lean, images)
-    lean_path = target.parent / PROBABILITIES_FILE
+    files = extras(data, lean) if extras is not None else {}
+    lean_path = target.parent / LEAN_FILE
+    written = []
+    for name, content in files.items():
+        written.append(target.parent / name)
+        _write_atomically(written[-1], content)
     _write_atomically(lean_path, lean)
     _write_atomically(target, data)
-    return Exported(parity, lean_path, lean_parity)
+    return Exported(parity, lean_path, lean_outputs, lean_parity, tuple(written))
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".onnx")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=target.suffix)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a server running as another user could not read it

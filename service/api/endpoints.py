@@ -88,7 +88,9 @@ class Endpoint:
             entry = {k: v for k, v in spec.items() if k != "model"}
             entry.setdefault("description", "Successful Response" if status == 200 else "Error")
             if "model" in spec:
-                entry["content"] = {"application/json": {"schema": _reference(spec["model"], components)}}
+                # A JSON model, and any other content the entry lists (a PNG the same route can answer with).
+                schema = {"schema": _reference(spec["model"], components)}
+                entry["content"] = {"application/json": schema, **spec.get("content", {})}
             responses[str(status)] = entry
         operation: dict[str, Any] = {
             "tags": self.tags,

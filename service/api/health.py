@@ -20,7 +20,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="The model has answered a warm-up inference",
+    summary="The default model (or, with none, a model) has answered a warm-up inference",
     responses={
         503: {
             "description": "Not ready yet",
@@ -29,14 +29,9 @@ async def healthz() -> dict[str, str]:
     },
 )
 async def readyz(plane: DataPlaneDep) -> Any:
-    model = plane.model()  # 503 {"error": "model not ready"} until it is
-    return {
-        "status": "ready",
-        "model": model.name,
-        "version": model.version,
-        "providers": model.providers_in_use,
-        "warnings": model.provider_warnings,
-    }
+    # 503 {"error": "model not ready"} until the default model (with no default, any model) is ready. The body
+    # names the default model's version and providers, and every model's loaded versions.
+    return plane.readiness()
 
 
 @router.get(

@@ -7,7 +7,8 @@ buffers streaming bodies, which costs latency and breaks cancellation. Order, ou
     AccessLogMiddleware   every request gets an id and one log line, including the 4xx/503/504 below
     HeaderLimitMiddleware 431 for oversized headers
     ApiKeyMiddleware      401 before any work, so unauthenticated traffic never holds an in-flight slot
-    LoadShedMiddleware    503 past `max_in_flight`, 504 past `request_timeout_s`
+    LoadShedMiddleware    the body read first (408 idle, 413, memory budget), then 503 past `max_in_flight`,
+                          504 past `request_timeout_s`; a client that disconnects cancels its handler
     (the FastAPI app)
 
 `install_middleware(app, ...)` adds the four in that order. Everything is per process: each uvicorn worker
@@ -38,7 +39,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.schemas import ErrorBody
-from service.errors import error_body
+from service.errors import ServiceError, TooLarge, error_body
+from service.memory import MemoryBudget, Reservation
 
 access_log = logging.getLogger("service.access")
 log = logging.getLogger("service.middleware")
@@ -263,11 +265,20 @@ def parse_api_keys(value: str | Iterable[str] | None) -> tuple[str, ...]:
 
 class ApiKeyMiddleware:
     """With keys configured, every route except HEALTH_PATHS needs `Authorization: Bearer <key>` or
-    `X-API-Key: <key>`; the web page, /docs and /openapi.json included. Otherwise 401 {"error"} with
-    `WWW-Authenticate: Bearer`. No keys: a no-op."""
+    `X-API-Key: <key>`, except GET and HEAD of `public_pages`: pages and their files (the web page, /docs,
+    /redoc, /openapi.json), which hold no data and ask for the key themselves. Exact paths only, so no
+    prefix or dot segment opens anything else. Otherwise 401 {"error"} with `WWW-Authenticate: Bearer`.
+    No keys: a no-op."""
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str] = (), open_paths: frozenset[str] = HEALTH_PATHS) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Iterable[str] = (),
+        open_paths: frozenset[str] = HEALTH_PATHS,
+        public_pages: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
+        self.public_pages = public_pages
         # Keys are compared as SHA-256 digests: equal lengths, so compare_digest leaks neither the
         # key's content nor its length, and every key is tried so timing does not say which matched.
         self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
@@ -280,6 +291,9 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self.digests or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in self.public_pages and scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
         presented = []
@@ -306,12 +320,25 @@ class ApiKeyMiddleware:
 # ------------------------------------------------------------------------------ overload protection
 
 
+class _BodyTimeout(Exception):
+    """The client paused its body longer than the idle limit."""
+
+
 class LoadShedMiddleware:
-    """At most `max_in_flight` requests at once (HEALTH_PATHS not counted): past it, an immediate 503
-    with Retry-After, so that overload costs clients a retry instead of an ever-growing queue. Each
-    request gets `timeout_s` (None: unlimited); past it, its handler is cancelled at its next await
-    (a batcher caller only cancels its own future) and the client gets 504. A request cancelled from
-    outside (shutdown grace period over) gets 503."""
+    """Overload protection, per request (HEALTH_PATHS exempt, untouched):
+
+    1. The body is read in full first, holding no slot: at most `max_body_bytes` (413), never pausing longer
+       than `body_idle_timeout_s` (408, Connection: close), its bytes reserved from the memory `budget` as
+       they arrive (503 with Retry-After when no room comes in time; slow clients hold only what they sent).
+    2. Then one of `max_in_flight` slots, or an immediate 503 with Retry-After: overload costs clients a
+       retry instead of an ever-growing queue, and slow uploads never hold the slots complete requests need.
+    3. Then the app, the body handed over in one message. If the client disconnects meanwhile, the handler is
+       cancelled at its next await (its worker-thread work stops at its next check, service.memory), and
+       nothing is answered: there is nobody to answer.
+
+    All of it within `timeout_s` (None: unlimited): past it, the handler is cancelled (a batcher caller only
+    cancels its own future) and the client gets 504. A request cancelled from outside (the shutdown grace
+    period is over) gets 503."""
 
     def __init__(
         self,
@@ -320,6 +347,9 @@ class LoadShedMiddleware:
         timeout_s: float | None = 30.0,
         exempt_paths: frozenset[str] = HEALTH_PATHS,
         retry_after_s: int = 1,
+        body_idle_timeout_s: float | None = None,
+        max_body_bytes: int | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -328,50 +358,149 @@ class LoadShedMiddleware:
         self.timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
         self.exempt_paths = exempt_paths
         self.retry_after = str(retry_after_s)
+        self.body_idle_timeout_s = body_idle_timeout_s if body_idle_timeout_s and body_idle_timeout_s > 0 else None
+        self.max_body_bytes = max_body_bytes
+        self.budget = budget
         # One event loop per process runs every request, so a plain int needs no lock.
         self.in_flight = 0
+        self.reading = 0  # requests whose body is still arriving (they hold no slot)
         self.shed = 0
         self.timed_out = 0
+        self.body_timeouts = 0
+        self.disconnects = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.exempt_paths:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
-            self.shed += 1
-            await send_error(send, 503, OVERLOADED, {"Retry-After": self.retry_after})
-            return
-        self.in_flight += 1
-        started = False
+        started = completed = slot = gone = False
+        task = asyncio.current_task()
+        reservation = self.budget.hold() if self.budget is not None else Reservation(None, 0)
+        watcher: asyncio.Future[Message] | None = None
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, completed
             if message["type"] == "http.response.start":
                 started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
             await send(message)
+
+        def on_disconnect(future: asyncio.Future[Message]) -> None:
+            nonlocal gone
+            if future.cancelled() or future.exception() is not None or completed:
+                return
+            if future.result()["type"] == "http.disconnect" and task is not None:
+                gone = True
+                self.disconnects += 1
+                task.cancel()
 
         deadline = asyncio.timeout(self.timeout_s)  # None: no deadline
         try:
             async with deadline:
-                await self.app(scope, receive, tracking_send)
+                self.reading += 1
+                try:
+                    body = await self._read_body(scope, receive, reservation)
+                finally:
+                    self.reading -= 1
+                if body is None:
+                    raise ClientDisconnect()
+                if self.in_flight >= self.max_in_flight:
+                    self.shed += 1
+                    await send_error(tracking_send, 503, OVERLOADED, {"Retry-After": self.retry_after})
+                    return
+                self.in_flight += 1
+                slot = True
+                # From here on nobody else reads the request: a message now means the client went away.
+                watcher = asyncio.ensure_future(receive())
+                watcher.add_done_callback(on_disconnect)
+                handed = False
+
+                async def replay() -> Message:
+                    nonlocal handed
+                    if not handed:
+                        handed = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    assert watcher is not None
+                    return await asyncio.shield(watcher)
+
+                await self.app(scope, replay, tracking_send)
+        except _BodyTimeout:
+            self.body_timeouts += 1
+            if not started:
+                await send_error(
+                    tracking_send,
+                    408,
+                    f"request body paused for more than {self.body_idle_timeout_s:g} s",
+                    {"Connection": "close"},
+                )
+        except ServiceError as exc:  # from reading the body: 413 too large, 503 no memory free
+            if not started:
+                await send_error(
+                    tracking_send, exc.status_code, exc.message, {**(exc.headers or {}), "Connection": "close"}
+                )
         except TimeoutError:
             if not deadline.expired():
                 raise  # the app's own TimeoutError: its bug, not our limit; the 500 handler answers
             self.timed_out += 1
             log.warning("request %s %s cancelled after %.3g s", scope.get("method"), scope.get("path"), self.timeout_s)
             if not started:
-                await send_error(send, 504, f"request took longer than {self.timeout_s:g} s and was cancelled")
+                await send_error(tracking_send, 504, f"request took longer than {self.timeout_s:g} s and was cancelled")
             # Otherwise the status line is already out: returning with the body unfinished makes the
             # server close the connection, which is all that can still be said.
         except asyncio.CancelledError:
+            if gone and task is not None and task.cancelling() <= 1:
+                # Our own cancel: the client disconnected. Nobody to answer; the access log says 499.
+                task.uncancel()
+                raise ClientDisconnect() from None
             # Cancelled from outside: uvicorn does this to requests still running when the shutdown grace
             # period ends. A 503 the client can retry elsewhere, rather than uvicorn's plain-text 500.
             if not started:
                 with contextlib.suppress(Exception):
-                    await send_error(send, 503, SHUTTING_DOWN, {"Retry-After": self.retry_after, "Connection": "close"})
+                    await send_error(
+                        tracking_send, 503, SHUTTING_DOWN, {"Retry-After": self.retry_after, "Connection": "close"}
+                    )
             raise
         finally:
-            self.in_flight -= 1
+            if watcher is not None and not watcher.done():
+                watcher.remove_done_callback(on_disconnect)
+                watcher.cancel()
+            if slot:
+                self.in_flight -= 1
+            reservation.release()
+
+    async def _read_body(self, scope: Scope, receive: Receive, reservation: Reservation) -> bytes | None:
+        """The whole body (None: the client went away first), within the limits above."""
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if limit is not None and declared is not None and declared.isdigit() and int(declared) > limit:
+            raise TooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if self.body_idle_timeout_s is None:
+                message = await receive()
+            else:
+                idle = asyncio.timeout(self.body_idle_timeout_s)
+                try:
+                    async with idle:
+                        message = await receive()
+                except TimeoutError:
+                    if idle.expired():
+                        raise _BodyTimeout() from None
+                    raise
+            if message["type"] != "http.request":
+                return None  # http.disconnect
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise TooLarge(f"request body exceeds the limit of {limit} bytes")
+                if self.budget is not None and not reservation.try_grow(len(chunk)):
+                    await self.budget.grow_async(reservation, len(chunk), "this request's body")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 # ------------------------------------------------------------------------------------------ install
@@ -384,14 +513,26 @@ def install_middleware(
     max_in_flight: int = 256,
     request_timeout_s: float | None = 30.0,
     max_header_bytes: int = 64 * 1024,
+    public_pages: frozenset[str] = frozenset(),
+    body_idle_timeout_s: float | None = None,
+    max_body_bytes: int | None = None,
+    budget: MemoryBudget | None = None,
 ) -> None:
     """Add the four middlewares in their order (add_middleware puts the last one added outermost).
-    Idempotent: an app that already has them is left as it is."""
+    Idempotent: an app that already has them is left as it is. `public_pages`: see ApiKeyMiddleware;
+    `body_idle_timeout_s`, `max_body_bytes`, `budget`: see LoadShedMiddleware."""
     if any(m.cls is AccessLogMiddleware for m in app.user_middleware):
         return
     keys = parse_api_keys(api_keys)
-    app.add_middleware(LoadShedMiddleware, max_in_flight=max_in_flight, timeout_s=request_timeout_s)
-    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(
+        LoadShedMiddleware,
+        max_in_flight=max_in_flight,
+        timeout_s=request_timeout_s,
+        body_idle_timeout_s=body_idle_timeout_s,
+        max_body_bytes=max_body_bytes,
+        budget=budget,
+    )
+    app.add_middleware(ApiKeyMiddleware, keys=keys, public_pages=public_pages)
     app.add_middleware(HeaderLimitMiddleware, max_bytes=max_header_bytes)
     app.add_middleware(AccessLogMiddleware)
     if keys:

@@ -1,9 +1,12 @@
 """The friendly REST API: /v1/predict, /v1/predict/batch, /v1/feature-maps, /v1/models.
 
-HTTP only: each handler parses its request, calls the data plane and writes the answer."""
+The three that classify serve the default model at their short path, and any loaded model and version under
+/v1/models/{name}[/versions/{version}]/... (no version: the highest loaded). HTTP only: each handler parses
+its request, calls the data plane and writes the answer."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from enum import StrEnum
 from typing import Any
@@ -20,8 +23,9 @@ from service.api.deps import DataPlaneDep, get_dataplane
 from service.api.endpoints import Endpoint, OpenAPIResponses, Params
 from service.api.schemas import BatchPrediction, ErrorBody, ModelInfo, ModelList, Prediction
 from service.api.uploads import read_body, read_files, read_single_image
-from service.dataplane import Upload, class_scores
+from service.dataplane import DataPlane, Upload, scored
 from service.errors import NotFound, UnsupportedMedia
+from service.model import Model
 
 ERRORS: OpenAPIResponses = {
     code: {"model": ErrorBody, "description": text}
@@ -81,23 +85,37 @@ def json_response(body: dict[str, Any]) -> Response:
 class PredictParams(Params):
     top_k: int = TOP_K
     feature_maps: bool = Field(False, description="Also return every conv layer's activations and the embedding.")
+    input: bool = Field(
+        False, description="Also return the preprocessed 28×28×1 input the model was given (what the web page draws)."
+    )
+
+
+def _served(plane: DataPlane, request: Request) -> Model:
+    """The model version the path names: /v1/models/{name}[/versions/{version}]/..., else the default model."""
+    path = request.path_params
+    return plane.model(path.get("name"), path.get("version"))
 
 
 async def predict(request: Request, params: PredictParams) -> Response:
     plane = get_dataplane(request)
-    model = plane.model()
+    model = _served(plane, request)
     upload = await read_single_image(request, plane.settings.max_image_bytes)
     tensor = await plane.image(upload.data)
     body: dict[str, Any] = {"model": model.name, "model_version": model.version}
-    if not params.feature_maps:
+    if not (params.feature_maps or params.input):
         return json_response(body | (await plane.classify(model, tensor, params.top_k))[0])
-    result = await plane.infer(model, tensor, model.output_names)
-    body |= class_scores(model.card.classes, result[model.lean_outputs[0]], params.top_k)[0]
-    body["feature_maps"] = {
-        layer: {"shape": list(result[layer].shape[1:]), "data": result[layer][0].tolist()}
-        for layer in model.feature_layers
-    }
-    body["embedding"] = result["embedding"][0].tolist()
+    if params.feature_maps:
+        result = await plane.infer(model, tensor, model.output_names)
+        body |= scored(model, result, params.top_k)[0]  # with the OOD fields, as /v1/predict's
+        body["feature_maps"] = {
+            layer: {"shape": list(result[layer].shape[1:]), "data": result[layer][0].tolist()}
+            for layer in model.feature_layers
+        }
+        body["embedding"] = result["embedding"][0].tolist()
+    else:
+        body |= (await plane.classify(model, tensor, params.top_k))[0]
+    if params.input:
+        body["input"] = {"shape": list(tensor.shape[1:]), "data": tensor[0].tolist()}
     return json_response(body)
 
 
@@ -110,7 +128,7 @@ class BatchParams(Params):
 
 async def predict_batch(request: Request, params: BatchParams) -> Response:
     plane = get_dataplane(request)
-    model = plane.model()
+    model = _served(plane, request)
     settings = plane.settings
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
@@ -152,13 +170,15 @@ class MapFormat(StrEnum):
 
 
 class FeatureMapParams(Params):
-    layer: str | None = Field(None, description="Conv layer to draw (png); default the first.")
+    layer: str | None = Field(
+        None, description="Conv layer to draw (png); default the first conv layer (conv1 for the committed model)."
+    )
     format: MapFormat = Field(MapFormat.png, description="png: one layer as a grid; npz: every array.")
 
 
 async def feature_maps(request: Request, params: FeatureMapParams) -> Response:
     plane = get_dataplane(request)
-    model = plane.model()
+    model = _served(plane, request)
     if params.layer is not None and params.layer not in model.feature_layers:
         raise NotFound(f"unknown layer {params.layer!r}; feature layers are {', '.join(model.feature_layers)}")
     upload = await read_single_image(request, plane.settings.max_image_bytes)
@@ -179,7 +199,10 @@ async def feature_maps(request: Request, params: FeatureMapParams) -> Response:
     )
 
 
-ENDPOINTS = [
+NOT_FOUND = {"model": ErrorBody, "description": "Unknown model or version; or several models and no default"}
+
+# At their short paths these serve the default model; see MODEL_PATHS for the same by model and version.
+SHORT_ENDPOINTS = [
     Endpoint(
         "/v1/predict",
         predict,
@@ -188,7 +211,7 @@ ENDPOINTS = [
         "`file`, or as the raw body with an `image/*` content type.",
         params=PredictParams,
         request_body=SINGLE_IMAGE_BODY,
-        responses={200: {"model": Prediction}, **ERRORS},
+        responses={200: {"model": Prediction}, 404: NOT_FOUND, **ERRORS},
         tags=["classify"],
     ),
     Endpoint(
@@ -200,7 +223,7 @@ ENDPOINTS = [
         "Results come in input order; an image that fails gets its own `error` and the others still succeed.",
         params=BatchParams,
         request_body=BATCH_BODY,
-        responses={200: {"model": BatchPrediction}, **ERRORS},
+        responses={200: {"model": BatchPrediction}, 404: NOT_FOUND, **ERRORS},
         tags=["classify"],
     ),
     Endpoint(
@@ -217,12 +240,36 @@ ENDPOINTS = [
                 "content": {"image/png": {}, "application/octet-stream": {}},
                 "description": "PNG grid or .npz",
             },
-            404: {"model": ErrorBody, "description": "Unknown layer"},
+            404: {
+                "model": ErrorBody,
+                "description": "Unknown layer, model or version; or several models and no default",
+            },
             **ERRORS,
         },
         tags=["classify"],
     ),
 ]
+MODEL_PATHS = {
+    "/v1/models/{name}": "the model `name`, its highest loaded version",
+    "/v1/models/{name}/versions/{version}": "that version of the model `name`",
+}
+
+
+def by_model(endpoint: Endpoint) -> list[Endpoint]:
+    """The same endpoint (one handler, reading the path's name and version) for any loaded model."""
+    return [
+        dataclasses.replace(
+            endpoint,
+            path=prefix + endpoint.path.removeprefix("/v1"),
+            summary=f"{endpoint.summary}, by {'model' if '{version}' not in prefix else 'model version'}",
+            description=f"As `{endpoint.path}` (which serves the default model), served by {what}. "
+            + endpoint.description,
+        )
+        for prefix, what in MODEL_PATHS.items()
+    ]
+
+
+ENDPOINTS = [*SHORT_ENDPOINTS, *(e for short in SHORT_ENDPOINTS for e in by_model(short))]
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -230,16 +277,26 @@ ENDPOINTS = [
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelList, summary="The models being served")
+@router.get("/models", response_model=ModelList, summary="The models being served, each at its highest version")
 async def list_models(plane: DataPlaneDep) -> dict[str, Any]:
-    return {"models": [plane.model().metadata()]}
+    return {"models": [plane.metadata(name) for name in plane.model_names()]}
 
 
 @router.get(
     "/models/{name}",
     response_model=ModelInfo,
-    summary="One model: classes, input, outputs, versions, providers in use, metrics",
+    summary="One model at its highest loaded version: classes, input, outputs, versions loaded, providers, metrics",
     responses={404: {"model": ErrorBody, "description": "Unknown model"}},
 )
 async def get_model(name: str, plane: DataPlaneDep) -> dict[str, Any]:
-    return plane.model(name).metadata()
+    return plane.metadata(name)
+
+
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelInfo,
+    summary="One loaded version of a model",
+    responses={404: {"model": ErrorBody, "description": "Unknown model or version"}},
+)
+async def get_model_version(name: str, version: str, plane: DataPlaneDep) -> dict[str, Any]:
+    return plane.metadata(name, version)

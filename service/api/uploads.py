@@ -158,15 +158,38 @@ async def read_files(request: Request, field: str, limit: int, max_files: int, p
     return uploads
 
 
+# Image files known by their first bytes: a raw body that is one is that image whatever its declared type
+# (curl --data-binary says application/x-www-form-urlencoded unless told otherwise).
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# .npy and .npz (a zip) files: arrays, which one route takes.
+ARRAY_SIGNATURES = (b"\x93NUMPY", b"PK\x03\x04")
+ARRAY_TYPES = ("application/x-npy", "application/x-npz")
+ARRAYS_GO_TO_BATCH = "arrays (.npy/.npz) go to POST /v1/predict/batch, one image per row"
+
+
+def looks_like_image(data: bytes) -> bool:
+    return data.startswith(IMAGE_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
 async def read_single_image(request: Request, limit: int) -> Upload:
-    """One image: multipart field `file`, or the raw body with an image/* content type."""
+    """One image: multipart field `file`, or the raw body with an image/* content type, or a raw body whose
+    bytes are a known image format whatever its content type. A .npy/.npz array is refused with the route
+    that takes arrays."""
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        uploads = await read_files(request, "file", limit, max_files=1, per_file_limit=limit)
-        return uploads[0]
-    if content_type.startswith(RAW_IMAGE_TYPES):
-        return Upload(None, await read_body(request, limit), content_type)
-    raise UnsupportedMedia(
-        f"unsupported content type {content_type or '(none)'!r}: send multipart/form-data with a field "
-        "'file', or the image itself as the body with an image/* content type"
-    )
+        upload = (await read_files(request, "file", limit, max_files=1, per_file_limit=limit))[0]
+    elif content_type.startswith(ARRAY_TYPES):
+        raise UnsupportedMedia(f"{content_type} is one image per route here: {ARRAYS_GO_TO_BATCH}")
+    else:
+        data = await read_body(request, limit)
+        if not content_type.startswith(RAW_IMAGE_TYPES) and not looks_like_image(data):
+            if data.startswith(ARRAY_SIGNATURES):
+                raise UnsupportedMedia(f"the body is an array, not an image: {ARRAYS_GO_TO_BATCH}")
+            raise UnsupportedMedia(
+                f"unsupported content type {content_type or '(none)'!r} and the body is no known image format: "
+                "send multipart/form-data with a field 'file', or the image itself as the body"
+            )
+        upload = Upload(None, data, content_type)
+    if upload.data.startswith(ARRAY_SIGNATURES):
+        raise UnsupportedMedia(f"{upload.filename or 'the upload'} is an array, not an image: {ARRAYS_GO_TO_BATCH}")
+    return upload

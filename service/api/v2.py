@@ -7,6 +7,9 @@ and limits, the same batcher in front of the session. Wire details live in servi
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -21,14 +24,15 @@ from service.api.endpoints import Endpoint, OpenAPIResponses, Params
 from service.api.schemas import ErrorBody
 from service.api.uploads import read_body
 from service.api.v2_codec import OutputPlan, OutputTensor
-from service.dataplane import DataPlane, Upload
+from service.dataplane import DataPlane, Upload, derived_outputs
 from service.errors import BadInput, ServiceError, TooLarge
+from service.memory import MemoryBudget
 from service.model import Model, TensorSpec
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 SERVER_NAME = "fashion-serve"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 
 ERRORS: OpenAPIResponses = {
@@ -72,6 +76,10 @@ INFER_BODY = {
 # Outputs of at most this many values are encoded on the event loop (the probabilities of a few images):
 # less work than the hop to a worker thread.
 INLINE_OUTPUT_VALUES = 4096
+# Memory that writing one output value takes at its peak: as JSON, a Python float in a list (32 bytes) and its
+# text (up to ~16); as binary data, its bytes and the body they are joined into.
+JSON_BYTES_PER_VALUE = 48
+BINARY_BYTES_PER_VALUE = 8
 
 
 # ------------------------------------------------------------------------------ server and health
@@ -89,35 +97,36 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready", summary="The model is ready for inference", responses={503: ERRORS[503]})
 async def ready(plane: DataPlaneDep) -> dict[str, bool]:
-    plane.model()
+    plane.readiness()  # the default model ready; with no default, at least one model
     return {"ready": True}
 
 
 # ---------------------------------------------------------------------------------------- models
 
 
-def _metadata(model: Model) -> dict[str, Any]:
+def _metadata(model: Model, versions: list[str]) -> dict[str, Any]:
     def tensor(spec: TensorSpec) -> dict[str, Any]:
         # The card writes -1 for the batch dimension, as V2 does.
         return {"name": spec.name, "datatype": v2_codec.datatype_of(spec.dtype), "shape": list(spec.shape)}
 
     return {
         "name": model.name,
-        "versions": [model.version],  # only the served version can be asked for
+        "versions": versions,  # those loaded, highest first
         "platform": PLATFORM,
         "inputs": [tensor(model.card.input)],
-        "outputs": [tensor(o) for o in model.card.outputs],
+        # The graph's outputs, then those computed from them: OOD score and flag, Grad-CAM (DataPlane.outputs).
+        "outputs": [tensor(o) for o in (*model.card.outputs, *derived_outputs(model))],
     }
 
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs", responses=ERRORS)
 async def model_metadata(name: str, plane: DataPlaneDep) -> dict[str, Any]:
-    return _metadata(plane.model(name, ready=False))
+    return _metadata(plane.model(name, ready=False), plane.versions(name))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=ERRORS)
 async def model_version_metadata(name: str, version: str, plane: DataPlaneDep) -> dict[str, Any]:
-    return _metadata(plane.model(name, version, ready=False))
+    return _metadata(plane.model(name, version, ready=False), plane.versions(name))
 
 
 @router.get("/models/{name}/ready", summary="The model is ready", responses=ERRORS)
@@ -145,7 +154,7 @@ async def infer(request: Request, _: Params) -> Response:
     # unless the body is small and not compressed (a compressed body may inflate to the request limit).
     inline = len(body) <= settings.inline_decode_max_bytes and encoding in (None, "identity")
     request_id, plans, tensor, files = await plane.off_loop(
-        _parse, body, encoding, headers.get("inference-header-content-length"), model, plane, inline=inline
+        _parse, body, encoding, headers.get("inference-header-content-length"), model, plane, not inline, inline=inline
     )
     if files is not None:
         batch = await plane.images(files)
@@ -154,9 +163,10 @@ async def infer(request: Request, _: Params) -> Response:
             raise ServiceError(f"input {model.input_name!r}: {failure.message}", failure.status_code)
         tensor = batch.tensor
     wanted = {plan.name for plan in plans}
-    result = await plane.infer(model, tensor, [n for n in model.output_names if n in wanted])
+    result = await plane.outputs(model, tensor, [n for n in _available(model) if n in wanted])
     small = sum(result[n].size for n in wanted) <= INLINE_OUTPUT_VALUES
-    content, header_length = await plane.off_loop(_encode, model, request_id, plans, result, inline=small)
+    budget = None if small else plane.budget  # small: on the event loop, where a budget wait would block it
+    content, header_length = await plane.off_loop(_encode, model, request_id, plans, result, budget, inline=small)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -166,15 +176,47 @@ async def infer(request: Request, _: Params) -> Response:
     )
 
 
+def _available(model: Model) -> list[str]:
+    """The outputs a request may name: the graph's, then the derived ones."""
+    return [*model.output_names, *(spec.name for spec in derived_outputs(model))]
+
+
 def _parse(
-    body: bytes, encoding: str | None, header_length: str | None, model: Model, plane: DataPlane
+    body: bytes, encoding: str | None, header_length: str | None, model: Model, plane: DataPlane, budgeted: bool
 ) -> tuple[str | None, list[OutputPlan], np.ndarray, list[Upload] | None]:
     """Body -> (request id, what to return, the model's float32 [N, 28, 28, 1] batch or, for BYTES,
-    the image files to decode)."""
+    the image files to decode). The memory that inflating and parsing take is held from the data plane's
+    budget while this runs (the resulting batch is small; BYTES files are slices of the body, already held)."""
+    budget = plane.budget if budgeted else None  # not on the event loop: a budget wait would block it
+    with contextlib.ExitStack() as held:
+        reserve: v2_codec.Reserve | None = None
+        if budget is not None:
+            reservation = held.enter_context(budget.reserve(0, "this request"))
+            reserve = functools.partial(reservation.grow, what="parsing this inference request", wait_s=budget.wait_s)
+        return _parse_held(body, encoding, header_length, model, plane, reserve)
+
+
+def _parse_held(
+    body: bytes,
+    encoding: str | None,
+    header_length: str | None,
+    model: Model,
+    plane: DataPlane,
+    reserve: v2_codec.Reserve | None,
+) -> tuple[str | None, list[OutputPlan], np.ndarray, list[Upload] | None]:
     settings = plane.settings
-    body = v2_codec.decode_content(body, encoding, settings.max_request_bytes)
-    parsed = v2_codec.parse_request(body, header_length)
-    plans = v2_codec.plan_outputs(parsed.header, model.output_names, model.name)  # cheap checks first
+    # A body that is all JSON inflates at most to the JSON limit; one with binary tensors to the body limit.
+    limit = settings.max_json_bytes if header_length is None else settings.max_request_bytes
+    body = v2_codec.decode_content(body, encoding, limit, reserve)
+    values_per_row = prod(model.card.input.shape[1:])
+    parsed = v2_codec.parse_request(
+        body,
+        header_length,
+        settings.max_json_bytes,
+        v2_codec.max_json_tokens(settings.max_batch_images, values_per_row),
+        reserve,
+    )
+    plans = v2_codec.plan_outputs(parsed.header, _available(model), model.name)  # cheap checks first
 
     expected = model.input_name
     if len(parsed.header.inputs) != 1:
@@ -216,6 +258,22 @@ def _parse(
 
 
 def _encode(
+    model: Model,
+    request_id: str | None,
+    plans: list[OutputPlan],
+    result: dict[str, np.ndarray],
+    budget: MemoryBudget | None = None,
+) -> tuple[bytes, int | None]:
+    """The response body. With a budget, what writing it costs is held first: JSON numbers pass through Python
+    floats (about JSON_BYTES_PER_VALUE each); binary tensors are copied once."""
+    cost = sum(result[p.name].size * (BINARY_BYTES_PER_VALUE if p.binary else JSON_BYTES_PER_VALUE) for p in plans)
+    values = sum(result[p.name].size for p in plans)
+    what = f"writing this response ({values:,} output values; ask for fewer outputs, or binary_data_output)"
+    with budget.reserve(cost, what) if budget is not None else contextlib.nullcontext():
+        return _encode_held(model, request_id, plans, result)
+
+
+def _encode_held(
     model: Model, request_id: str | None, plans: list[OutputPlan], result: dict[str, np.ndarray]
 ) -> tuple[bytes, int | None]:
     kinds = {o.name: o.kind for o in model.card.outputs}
@@ -224,7 +282,7 @@ def _encode(
         values = result[plan.name]
         if plan.classification:
             # Labels belong to the class probabilities; other outputs are ranked by index alone.
-            labels = model.card.classes if kinds[plan.name] == "probabilities" else None
+            labels = model.card.classes if kinds.get(plan.name) == "probabilities" else None
             values = v2_codec.classify(values, plan.classification, labels)
         tensors.append(OutputTensor(plan.name, values, plan.binary))
     return v2_codec.encode_response(model.name, model.version, request_id, tensors)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -47,6 +47,16 @@ NUMPY_TYPES: dict[str, np.dtype[Any]] = {
 DATATYPES = frozenset(NUMPY_TYPES) | {"BYTES", "BF16"}
 _NAMES = {dtype: name for name, dtype in NUMPY_TYPES.items()}
 _LENGTH = struct.Struct("<I")  # a BYTES element's length prefix in binary data
+# Inflation of a compressed body proceeds in steps of this many bytes, each counted against the limit (and
+# reserved from the memory budget) before the next is made.
+INFLATE_STEP = 1 << 20
+# Python objects that parsing JSON makes cost about this much per value or container (a float: 24 bytes and
+# a list slot; a list: 56 bytes and up): reserved from the budget before the parse, per token counted.
+JSON_BYTES_PER_TOKEN = 64
+# Tokens (values and containers) a request may hold besides its data: ids, names, shapes, parameters, outputs.
+JSON_SPARE_TOKENS = 65536
+
+Reserve = Callable[[int], None]  # hold this many more bytes of working memory (service.memory), or raise
 
 
 def datatype_of(dtype: np.dtype[Any] | str) -> str:
@@ -91,8 +101,10 @@ class ParsedRequest:
     raw: list[bytes | None]  # each input's binary tensor data, in input order; None: it is in "data"
 
 
-def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo a gzip/deflate Content-Encoding (tritonclient can compress requests), within `limit`."""
+def decode_content(body: bytes, encoding: str | None, limit: int, reserve: Reserve | None = None) -> bytes:
+    """Undo a gzip/deflate Content-Encoding (tritonclient can compress requests), within `limit`: inflated
+    INFLATE_STEP bytes at a time, each step counted against the limit (and `reserve`d, twice: the steps and
+    their join) before the next, so a small bomb stops at the limit, never past it."""
     encoding = (encoding or "identity").strip().lower()
     if encoding == "identity":
         return body
@@ -100,19 +112,57 @@ def decode_content(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise UnsupportedMedia(f"unsupported Content-Encoding {encoding!r}: send gzip, deflate or none")
     # deflate means the zlib format (RFC 9110); 16 + MAX_WBITS reads gzip.
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    parts: list[bytes] = []
+    size, pending = 0, body
     try:
-        out = inflater.decompress(body, limit + 1)  # bounded: a small bomb must not fill memory
+        while not inflater.eof:
+            step = inflater.decompress(pending, INFLATE_STEP)
+            pending = inflater.unconsumed_tail
+            if not step and not pending:
+                break  # all input consumed short of the stream's end: truncated
+            size += len(step)
+            if size > limit:
+                raise TooLarge(f"decompressed request body exceeds the limit of {limit:,} bytes")
+            if reserve is not None:
+                reserve(2 * len(step))
+            parts.append(step)
     except zlib.error as exc:
         raise BadInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit:
-        raise TooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
     if not inflater.eof:
         raise BadInput(f"request body is truncated {encoding} data")
-    return out
+    return b"".join(parts)
 
 
-def parse_request(body: bytes, header_length: str | None) -> ParsedRequest:
-    """Split the body into the JSON header and each input's binary data, checking every size."""
+def json_cost(text: bytes, max_tokens: int) -> int:
+    """What parsing `text` into Python objects may cost, judged before parsing by counting its containers and
+    separators (bytes.count: C speed, no objects). A request holds at most `max_tokens` of them (its largest
+    valid batch, in the most nested form); more is refused here (413) instead of being built as objects:
+    64 KiB of gzip that inflates to `[],[],...` would otherwise become gigabytes of empty lists."""
+    tokens = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if tokens > max_tokens:
+        raise TooLarge(
+            f"the inference request's JSON holds {tokens:,} values and arrays, more than the largest batch this "
+            f"server takes can have ({max_tokens:,}); send fewer images, or the data as binary tensors"
+        )
+    return len(text) + tokens * JSON_BYTES_PER_TOKEN
+
+
+def max_json_tokens(max_rows: int, values_per_row: int) -> int:
+    """Tokens of the largest valid request: each value, each nesting bracket around it (at most one more per
+    value: [N, 28, 28, 1] nested), and what the protocol has besides."""
+    return 2 * max_rows * values_per_row + JSON_SPARE_TOKENS
+
+
+def parse_request(
+    body: bytes,
+    header_length: str | None,
+    max_json_bytes: int | None = None,
+    max_tokens: int | None = None,
+    reserve: Reserve | None = None,
+) -> ParsedRequest:
+    """Split the body into the JSON header and each input's binary data, checking every size. The JSON part is
+    refused (413) past `max_json_bytes`, or past `max_tokens` values and arrays (json_cost) before it is
+    parsed; what its parse costs is `reserve`d first."""
     if header_length is None:
         json_part, binary = body, b""
     else:
@@ -123,10 +173,21 @@ def parse_request(body: bytes, header_length: str | None) -> ParsedRequest:
         if not 0 <= length <= len(body):
             raise BadInput(f"Inference-Header-Content-Length is {length} but the body is {len(body)} bytes")
         json_part, binary = body[:length], body[length:]
+    if max_json_bytes is not None and len(json_part) > max_json_bytes:
+        raise TooLarge(
+            f"the inference request's JSON is {len(json_part):,} bytes; the limit is {max_json_bytes:,} "
+            "(send large tensors as binary data)"
+        )
+    if max_tokens is not None:
+        cost = json_cost(json_part, max_tokens)
+        if reserve is not None:
+            reserve(cost)
     try:
         header = InferRequest.model_validate_json(json_part)
     except ValidationError as exc:
         raise BadInput(_describe(exc)) from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # whatever else a parser may raise on hostile text
+        raise BadInput(f"malformed JSON in the inference request: {type(exc).__name__}") from None
 
     raw: list[bytes | None] = []
     offset = 0

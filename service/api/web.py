@@ -25,6 +25,8 @@ STATIC_TYPES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
+# Reachable without an API key (GET and HEAD only): the page asks for the key itself when the API wants one.
+PUBLIC_PATHS = frozenset({"/", *(f"/web/{name}" for name in STATIC_TYPES)})
 # Everything the page uses comes from this server; blob: for the thumbnails of the picked files.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "

@@ -339,7 +339,8 @@ def test_metrics_exposition(client: TestClient, test_split) -> None:  # type: ig
     assert "http_request_duration_seconds_bucket" in text and "inference_batch_size_bucket" in text
     assert "inference_queue_seconds_count" in text and "inference_seconds_count" in text
     assert "http_requests_in_flight" in text
-    assert 'model_info{name="' in text and 'providers="CPUExecutionProvider"' in text
+    assert 'model_info{model="' in text and 'providers="CPUExecutionProvider"' in text
+    assert 'inference_images_total{model="' in text  # inference metrics carry the model and its version
 
 
 def test_a_thousand_pngs_single_and_batch_equal_onnxruntime(client: TestClient, test_split, reference_session) -> None:  # type: ignore[no-untyped-def]

@@ -23,7 +23,7 @@ def test_concurrent_http_requests_share_session_runs(test_split, reference_sessi
 
     async def main() -> tuple[list[httpx.Response], Batcher]:
         async with app.router.lifespan_context(app):
-            batcher: Batcher = app.state.dataplane._batcher
+            batcher: Batcher = app.state.dataplane.batcher()  # the default model's
             sizes: list[int] = []
             batcher.observers.append(lambda size, queued, seconds: sizes.append(size))
             transport = httpx.ASGITransport(app=app)

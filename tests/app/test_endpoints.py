@@ -53,14 +53,18 @@ def app_client() -> Iterator[TestClient]:
 def test_errors_inside_a_plain_endpoint_match_a_fastapi_route(
     app_client: TestClient, endpoint: Endpoint, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every handler asks the data plane for its model first; GET /v1/models (a FastAPI route with its
-    dependency) does too. The same exception raised there must give the same status, headers and body."""
+    """Every handler asks the data plane for its model first (the repository API's read their small JSON body
+    first); GET /v1/models (a FastAPI route with its dependency) asks for a model too. The same exception
+    raised there must give the same status, headers and body."""
+    from service.api import repository
+
     plane = app_client.app.state.dataplane  # type: ignore[attr-defined]
 
     def raising(*_: object, **__: object) -> object:
         raise RAISED[kind]()
 
     monkeypatch.setattr(plane, "model", raising)
+    monkeypatch.setattr(repository, "_json_object", raising)
     through_fastapi = app_client.get("/v1/models")
     through_plain = app_client.post(concrete(endpoint.path), content=b"x", headers={"content-type": "image/png"})
     assert through_plain.status_code == through_fastapi.status_code

@@ -107,6 +107,10 @@ def json_header(response: httpx.Response) -> dict[str, Any]:
     return json.loads(response.content[: int(response.headers["inference-header-content-length"])])
 
 
+# Outputs the committed model offers beside its graph's: computed from them (service.dataplane.derived_outputs).
+DERIVED = ["ood_score", "in_distribution", "gradcam"]
+
+
 def reference_outputs(session: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {"image": scaled(images)}), strict=True))
@@ -130,8 +134,10 @@ def test_model_metadata(client: TestClient, served: dict[str, Any]) -> None:
     assert meta["versions"] == [version]
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": served["input"]["name"], "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
-    assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in served["outputs"]]
-    assert all(o["datatype"] == "FP32" and o["shape"][0] == -1 for o in meta["outputs"])
+    # The graph's outputs, then those computed from them (the OOD score and flag, Grad-CAM: tests/app/test_explain.py).
+    assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in served["outputs"]] + DERIVED
+    assert all(o["datatype"] == ("BOOL" if o["name"] == "in_distribution" else "FP32") for o in meta["outputs"])
+    assert all(o["shape"][0] == -1 for o in meta["outputs"])
     assert client.get(f"/v2/models/{name}/versions/{version}").json() == meta
     for path in (f"/v2/models/{name}/ready", f"/v2/models/{name}/versions/{version}/ready"):
         response = client.get(path)
@@ -186,7 +192,7 @@ def test_no_outputs_named_returns_all_of_them(
     client: TestClient, served: dict[str, Any], images: np.ndarray, reference_session: ort.InferenceSession
 ) -> None:
     result = outputs_of(post(client, served["name"], {"inputs": [fp32_input(images)]}))
-    assert list(result) == [o["name"] for o in served["outputs"]]
+    assert list(result) == [o["name"] for o in served["outputs"]] + DERIVED
     expected = reference_outputs(reference_session, images)
     for output in served["outputs"]:
         assert list(result[output["name"]].shape) == [N, *output["shape"][1:]]

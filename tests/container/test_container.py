@@ -14,6 +14,7 @@ test fails with the reason: it is never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests.support import ROOT, free_port
+from tests.support import ROOT, container_run, free_port
+from tests.support import tail as _tail
 
-ENGINE_SCRIPT = ROOT / "scripts" / "docker-engine.sh"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 MODEL_PATH = ROOT / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
 SERVICE = "fashion-serve"
@@ -38,49 +39,13 @@ IMAGE_LIMIT_BYTES = 400 * 10**6  # "MB" as docker reports sizes
 N_IMAGES = 40
 TOLERANCE = 1e-5
 
-ENGINE_TIMEOUT_S = 900  # apt + debootstrap on a fresh machine: ~3 min; afterwards ~1 s
 BUILD_UP_TIMEOUT_S = 900  # a cold pip install of the serving dependencies: ~1 min
 READY_TIMEOUT_S = 180
 
 pytestmark = pytest.mark.slow
 
 
-def _tail(text: str | bytes | None, lines: int = 40) -> str:
-    if text is None:
-        return ""
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def run(
-    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, check: bool = True, what: str = ""
-) -> subprocess.CompletedProcess[str]:
-    """Run a command, capturing its output; with check, fail the test with its output's tail."""
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except FileNotFoundError as exc:
-        pytest.fail(f"{what or cmd[0]}: command not found: {exc}")
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(
-            f"{what or ' '.join(cmd)}: no result within {timeout:.0f} s\n"
-            f"--- stdout\n{_tail(exc.stdout)}\n--- stderr\n{_tail(exc.stderr)}"
-        )
-    if check and proc.returncode != 0:
-        pytest.fail(
-            f"{what or ' '.join(cmd)} failed (exit {proc.returncode})\n"
-            f"--- stdout\n{_tail(proc.stdout)}\n--- stderr\n{_tail(proc.stderr)}"
-        )
-    return proc
-
-
-def engine_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+run = container_run  # this file's name for it
 
 
 def compose_command() -> list[str]:
@@ -109,30 +74,6 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def base_image() -> Iterator[str]:
-    """A running engine and the local base image; stops the engine afterwards if this test started it."""
-    if not ENGINE_SCRIPT.is_file():
-        pytest.fail(f"{ENGINE_SCRIPT} is missing")
-    was_running = engine_answers()
-    started = time.monotonic()
-    proc = run(["bash", str(ENGINE_SCRIPT)], timeout=ENGINE_TIMEOUT_S, check=False, what="scripts/docker-engine.sh")
-    if proc.returncode != 0:
-        pytest.fail(
-            "Docker could not be set up on this machine, so the container cannot be tested.\n"
-            f"scripts/docker-engine.sh exited {proc.returncode} after {time.monotonic() - started:.0f} s:\n"
-            f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
-        )
-    print(f"\n[container] engine setup in {time.monotonic() - started:.1f} s:\n{proc.stdout.strip()}")
-    name = run(["bash", str(ENGINE_SCRIPT), "base-image"], timeout=30).stdout.strip()
-    try:
-        yield name
-    finally:
-        if not was_running:
-            stop = subprocess.run(["bash", str(ENGINE_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
-            print(f"[container] {stop.stdout.strip()} {_tail(stop.stderr, 5)}")
-
-
-@pytest.fixture(scope="module")
 def deployment(base_image: str) -> Iterator[Deployment]:
     """`docker-compose up -d --build` under a unique project name and host port; `down -v` afterwards."""
     if not MODEL_PATH.is_file():
@@ -147,6 +88,7 @@ def deployment(base_image: str) -> Iterator[Deployment]:
         "FASHION_SERVE_IMAGE": IMAGE_NAME,
         "FASHION_SERVE_TAG": project,
         "FASHION_SERVE_HOST_PORT": str(port),
+        "FASHION_SERVE_BATCH_MAX_SIZE": "16",  # a setting set in the shell: it must reach the container
         "DOCKER_BUILDKIT": "0",  # the legacy builder is what the engine here has; keep it so everywhere
         "COMPOSE_DOCKER_CLI_BUILD": "0",
     }
@@ -309,3 +251,57 @@ def test_predictions_match_in_process_onnxruntime(ready: Deployment) -> None:
     assert not mismatches, f"(index, max |diff|, served class, local class): {mismatches}"
     accuracy = float(np.mean(np.argmax(expected, axis=1) == test.labels[picks]))
     print(f"[container] {N_IMAGES} images match in-process onnxruntime to {TOLERANCE}; accuracy {accuracy:.2f}")
+
+
+def test_shell_settings_reach_the_container_which_listens_on_localhost(ready: Deployment) -> None:
+    """docker-compose.yml passes every setting set in the shell (or .env) and no other, keeps the image's
+    defaults for those not set, and publishes the port on 127.0.0.1 only."""
+    assert ready.exec("printenv", "FASHION_SERVE_BATCH_MAX_SIZE", check=True).stdout.strip() == "16"
+    assert ready.exec("printenv", "FASHION_SERVE_WORKERS").returncode == 1  # not set in the shell: not set
+    assert ready.exec("printenv", "FASHION_SERVE_MODELS", check=True).stdout.strip() == "/models"
+    published = run(["docker", "port", ready.container, "8000"], timeout=30).stdout.split()
+    assert published == [f"127.0.0.1:{ready.port}"], published
+
+
+def test_api_key_from_a_docker_secret(ready: Deployment) -> None:
+    """docker-compose.secret.yml: the key in secrets/api_key reaches the service as a Docker secret; the API
+    needs it, the page and the docs do not. The image built for `ready` is reused (no build)."""
+    secret = ROOT / "secrets" / "api_key"
+    made = not secret.exists()
+    if made:
+        secret.parent.mkdir(exist_ok=True)
+        secret.write_text("secret-from-a-file\n")
+        secret.chmod(0o644)
+    key = secret.read_text().strip().split(",")[0]
+    project = f"{ready.project}s"
+    port = free_port()
+    env = ready.env | {"FASHION_SERVE_HOST_PORT": str(port)}
+    compose = [*compose_command(), "-f", str(COMPOSE_FILE), "-f", str(ROOT / "docker-compose.secret.yml")]
+    compose += ["--project-directory", str(ROOT), "-p", project]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        run([*compose, "up", "-d", "--no-build", SERVICE], timeout=300, env=env, what="docker-compose up (secret)")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if http_get(url + "/readyz", timeout=3)[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        else:
+            logs = run([*compose, "logs", "--no-color", "--tail", "30"], timeout=60, env=env, check=False).stdout
+            pytest.fail(f"the service with the secret never got ready:\n{_tail(logs)}")
+        import urllib.request
+
+        assert http_get(url + "/v1/models")[0] == 401
+        assert http_get(url + "/")[0] == 200 and http_get(url + "/docs")[0] == 200
+        request = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+    finally:
+        subprocess.run([*compose, "down", "-v", "--timeout", "20"], env=env, cwd=ROOT, capture_output=True, timeout=180)
+        if made:
+            secret.unlink()
+            with contextlib.suppress(OSError):
+                secret.parent.rmdir()

@@ -346,8 +346,11 @@ CORPUS: list[Case] = [
     form("filename-unicode", lambda: upload("платье 👗 ドレス.png", good_png()), 200),
     form("filename-traversal", lambda: upload("../../../etc/passwd", good_png()), 200),
     # --- framing, sizes and fields on /v1 ----------------------------------------------------------------
-    raw("no-content-type", good_png, 415, None),
-    raw("text-plain", good_png, 415, "text/plain"),
+    # A body whose bytes are an image is that image, whatever its declared type (curl's default included).
+    raw("no-content-type", good_png, 200, None),
+    raw("text-plain", good_png, 200, "text/plain"),
+    raw("form-urlencoded-png", good_png, 200, "application/x-www-form-urlencoded"),
+    raw("text-plain-not-an-image", lambda: b"hello, not an image", 415, "text/plain"),
     raw("json-body", lambda: b'{"file": "x"}', 415, "application/json"),
     Case("form-urlencoded", "POST", PREDICT, 415, data={"file": "abc"}),
     form("multipart-missing-field", lambda: upload("x.png", good_png(), field_name="image"), 400),
@@ -539,21 +542,21 @@ def test_corpus_is_broad_enough() -> None:
 
 
 RAW_CASES = {
-    # What httpx will not send: dot segments, broken framing. uvicorn answers broken framing itself,
-    # before the app, with text/plain "Invalid HTTP request received." (not the JSON shape).
+    # What httpx will not send: dot segments, broken framing. Broken framing is answered by the connection's
+    # protocol (service/api/protocol.py), before the app, in the same JSON shape: {"error": "invalid HTTP ..."}.
     "dot-segments-v2-infer": (b"POST /v2/models/../infer HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}", True),
     "dot-segments-v1-models": (b"GET /v1/models/../../../etc/passwd HTTP/1.1\r\nHost: t\r\n\r\n", True),
-    "content-length-not-a-number": (b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: ten\r\n\r\n", False),
+    "content-length-not-a-number": (b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: ten\r\n\r\n", True),
     "content-length-and-chunked": (
         b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        False,
+        True,
     ),
     "bad-chunk-size": (
         b"POST /v1/predict HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Type: image/png\r\n\r\n"
         b"zz\r\nabc\r\n0\r\n\r\n",
-        False,
+        True,
     ),
-    "garbage-request-line": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n", False),
+    "garbage-request-line": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n", True),
     "header-5MB": (b"GET /v1/models HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 5_000_000 + b"\r\n\r\n", True),
 }
 
@@ -607,9 +610,14 @@ def test_api_key_required_with_the_error_shape(hardened: Server) -> None:
         for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
             assert anonymous.get(path).status_code == 200, path
         assert anonymous.get("/metrics").status_code != 401
-        # Protected: the documentation and the schema, like every other route.
-        for path in ("/", "/docs", "/openapi.json", f"/v2/models/{MODEL}", "/v2"):
+        # Open for GET and HEAD: the pages and their files, which ask for the key themselves.
+        for path in ("/", "/web/app.js", "/docs", "/redoc", "/docs/assets/swagger-ui-bundle.js", "/openapi.json"):
+            assert anonymous.get(path).status_code == 200, path
+        # Protected: every API route, and any other method or path near the open ones.
+        for path in (f"/v2/models/{MODEL}", "/v2", "/docs/", "/docs/assets/", "/web/app.js/"):
             assert anonymous.get(path).status_code == 401, path
+        assert anonymous.post("/", content=b"x").status_code == 401
+        assert anonymous.post("/openapi.json", content=b"x").status_code == 401
 
 
 # ---------------------------------------------------------------------------- request ids, logs

@@ -59,7 +59,9 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient, served
     meta = triton_client.get_model_metadata(name)
     assert meta["name"] == name
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
-    assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in served["outputs"]]
+    # The graph's outputs, then those the service computes from them (the OOD score and flag, Grad-CAM).
+    derived = ["ood_score", "in_distribution", "gradcam"]
+    assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in served["outputs"]] + derived
     assert triton_client.get_model_metadata(name, version) == meta
     with pytest.raises(InferenceServerException) as caught:
         triton_client.get_model_metadata("no-such-model")
@@ -112,6 +114,9 @@ def test_all_outputs_when_none_requested(
     result = triton_client.infer(served["name"], [image_input(scaled(images), "FP32")])  # binary_data_output
     for output in served["outputs"]:
         assert list(result.as_numpy(output["name"]).shape) == [N, *output["shape"][1:]]
+    # And the derived outputs, as tritonclient decodes them (BOOL included).
+    assert result.as_numpy("in_distribution").dtype == np.bool_ and result.as_numpy("in_distribution").all()
+    assert result.as_numpy("ood_score").shape == (N,) and result.as_numpy("gradcam").shape == (N, 28, 28)
 
 
 @pytest.mark.parametrize("binary", [True, False])

@@ -1,10 +1,11 @@
 """Every architecture builds, trains an epoch on real data and passes the export's parity gate,
-with a probabilities-only graph beside model.onnx; the CLI fails cleanly."""
+with a lean graph (probabilities and embedding) beside model.onnx; the CLI fails cleanly."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_architecture_trains_and_exports_with_parity(arch: str, small_dataset, t
     exported = export.export(model, target, to_tensor(small_dataset.test.images[:1000]))
     parity = exported.parity
     assert parity.samples == 1000 and parity.max_abs_diff <= 1e-5 and parity.argmax_agreement == 1.0
-    assert exported.probabilities_parity == parity  # the lean graph's probabilities are the full graph's
+    assert exported.lean_parity == parity  # the lean graph's probabilities are the full graph's
 
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
@@ -53,24 +54,25 @@ def test_architecture_trains_and_exports_with_parity(arch: str, small_dataset, t
     out = session.run(None, {"image": to_tensor(small_dataset.test.images[:5])})
     assert out[0].shape == (5, 10)
     np.testing.assert_allclose(out[0].sum(1), 1.0, atol=1e-5)
-    _check_probabilities_graph(tmp_path, to_tensor(small_dataset.test.images[:300]))
+    _check_lean_graph(tmp_path, to_tensor(small_dataset.test.images[:300]))
     save(result, cfg, tmp_path)
     assert json.loads((tmp_path / "training.json").read_text())["config"]["arch"] == arch
 
 
-def _check_probabilities_graph(folder: Path, images: np.ndarray) -> None:
-    """model.probabilities.onnx beside model.onnx: same input, `probabilities` its only output, and
-    its probabilities equal model.onnx's bit for bit (one batch and one image at a time)."""
-    assert export.PROBABILITIES_FILE == "model.probabilities.onnx"
-    lean_path = folder / export.PROBABILITIES_FILE
+def _check_lean_graph(folder: Path, images: np.ndarray) -> None:
+    """model.lean.onnx beside model.onnx: same input, `probabilities` and `embedding` its only outputs, and
+    both equal model.onnx's bit for bit (one batch and one image at a time)."""
+    assert export.LEAN_FILE == "model.lean.onnx"
+    lean_path = folder / export.LEAN_FILE
     onnx.checker.check_model(onnx.load(lean_path))
     full = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     lean = ort.InferenceSession(str(lean_path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in lean.get_outputs()] == ["probabilities"]
+    names = ["probabilities", "embedding"]
+    assert [o.name for o in lean.get_outputs()] == names
     assert [(i.name, i.shape) for i in lean.get_inputs()] == [("image", ["N", 28, 28, 1])]
     for batch in (images, images[:1]):
-        want = full.run(["probabilities"], {"image": batch})[0]
-        assert np.array_equal(lean.run(None, {"image": batch})[0], want)
+        for got, want in zip(lean.run(None, {"image": batch}), full.run(names, {"image": batch}), strict=True):
+            assert np.array_equal(got, want)
 
 
 def test_parity_gate_fails_and_writes_nothing(small_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -88,11 +90,11 @@ def test_parity_gate_fails_and_writes_nothing(small_dataset, tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_probabilities_graph_must_equal_the_full_one_or_nothing_is_written(  # type: ignore[no-untyped-def]
+def test_lean_graph_must_equal_the_full_one_or_nothing_is_written(  # type: ignore[no-untyped-def]
     small_dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = architectures.build("mlp")
-    real = export.probabilities_only
+    real = export.lean_graph
 
     def other_weights(proto):  # type: ignore[no-untyped-def]
         # A lean graph that is not the full graph's: the same network with one weight matrix 1 % larger.
@@ -102,21 +104,22 @@ def test_probabilities_graph_must_equal_the_full_one_or_nothing_is_written(  # t
         weights.CopyFrom(onnx.numpy_helper.from_array(scaled, weights.name))
         return lean
 
-    monkeypatch.setattr(export, "probabilities_only", other_weights)
-    with pytest.raises(export.ParityError, match="differ from the full graph's"):
+    monkeypatch.setattr(export, "lean_graph", other_weights)
+    with pytest.raises(export.ParityError, match="differs from the full graph's"):
         export.export(model, tmp_path / "model.onnx", to_tensor(small_dataset.test.images[:200]))
     assert list(tmp_path.iterdir()) == []
 
 
-def test_probabilities_only_keeps_just_the_probabilities_output() -> None:
-    proto = export.to_onnx(architectures.build("mlp"))
-    lean = export.probabilities_only(proto)
-    assert [o.name for o in proto.graph.output] == ["probabilities", "embedding"]  # the original is untouched
-    assert [o.name for o in lean.graph.output] == ["probabilities"]
+def test_lean_graph_keeps_just_the_probabilities_and_embedding_outputs() -> None:
+    proto = export.to_onnx(architectures.build("seed-cnn"))
+    lean = export.lean_graph(proto)
+    # the original is untouched
+    assert [o.name for o in proto.graph.output] == ["probabilities", "conv1", "conv2", "embedding"]
+    assert [o.name for o in lean.graph.output] == ["probabilities", "embedding"]
     assert lean.graph.input == proto.graph.input and lean.graph.initializer == proto.graph.initializer
     del proto.graph.output[0]
     with pytest.raises(ValueError, match="no 'probabilities' output"):
-        export.probabilities_only(proto)
+        export.lean_graph(proto)
 
 
 def test_cli_train_export_evaluate_end_to_end(tmp_path: Path) -> None:
@@ -145,7 +148,7 @@ def test_cli_train_export_evaluate_end_to_end(tmp_path: Path) -> None:
     for name in ("model.onnx", "evaluation.json", "confusion_matrix.png", "training_curves.png"):
         assert (folder / name).is_file()
     _check_card_lists_both_graphs(folder, card)
-    _check_probabilities_graph(folder, to_tensor(load(download=False).test.images[:300]))
+    _check_lean_graph(folder, to_tensor(load(download=False).test.images[:300]))
     # export and evaluate also work as separate steps; re-exporting keeps the card's date and metrics
     assert main(["export", str(folder)]) == 0
     again = json.loads((folder / "card.json").read_text())
@@ -159,8 +162,13 @@ def _check_card_lists_both_graphs(folder: Path, card: dict) -> None:  # type: ig
         return hashlib.sha256((folder / name).read_bytes()).hexdigest()
 
     assert card["onnx"]["file"] == "model.onnx" and card["onnx"]["sha256"] == sha256("model.onnx")
-    lean = card["onnx_probabilities"]
-    assert lean["file"] == "model.probabilities.onnx" and lean["sha256"] == sha256(lean["file"])
+    lean = card["onnx_lean"]
+    assert lean["file"] == "model.lean.onnx" and lean["sha256"] == sha256(lean["file"])
+    assert lean["outputs"] == ["probabilities", "embedding"]
+    # The out-of-distribution parameters, fitted on the training split; an MLP has no conv layer to explain.
+    assert card["ood"]["file"] == "model.ood.npz" and card["ood"]["sha256"] == sha256("model.ood.npz")
+    assert card["ood"]["train_images"] == 55_000 and card["ood"]["validation_images"] == 5_000
+    assert "explain" not in card
     assert lean["parity"]["equals_full_graph"] is True
     assert lean["parity"]["max_abs_diff"] == card["onnx"]["parity"]["max_abs_diff"] <= 1e-5
 
@@ -201,3 +209,51 @@ def test_cli_latency_reports_each_model(tmp_path: Path) -> None:
     assert 0 < result["median_us"] <= result["p99_us"]
     assert main(["latency", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
     assert main(["latency", str(tmp_path / "missing")]) == 1
+
+
+# ---- training never clobbers a served model ---------------------------------------------------------
+
+
+def test_training_writes_the_next_free_version_unless_told_which(tmp_path: Path) -> None:
+    from training.__main__ import choose_version
+
+    model = tmp_path / "fashion-mnist-cnn"
+    assert choose_version(model, None) == "1"  # a new model
+    for version in ("1", "2", "10", "notes"):
+        (model / version).mkdir(parents=True)
+    (model / "10" / "card.json").write_text("{}")
+    assert choose_version(model, None) == "11"  # one above the highest number, whatever the folders hold
+    assert choose_version(model, "12") == "12"
+    assert choose_version(model, "2") == "2"  # an empty folder: nothing to overwrite
+    with pytest.raises(FileExistsError, match=r"10 exists .*--force"):
+        choose_version(model, "10")
+    assert choose_version(model, "10", force=True) == "10"
+    for bad in ("../elsewhere", "..", "", ".hidden"):
+        with pytest.raises(ValueError, match="not a version folder name"):
+            choose_version(model, bad)
+
+
+def test_train_refuses_an_existing_version_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    served = tmp_path / "fashion-mnist-mlp" / "1"
+    served.mkdir(parents=True)
+    (served / "card.json").write_text("{}")
+    code = main(["train", "--arch", "mlp", "--epochs", "1", "--out", str(tmp_path), "--version", "1"])
+    assert code == 1
+    assert "exists" in capsys.readouterr().err
+    assert [p.name for p in served.iterdir()] == ["card.json"]  # untouched, and nothing trained
+
+
+def test_evaluate_writes_into_the_model_folder_only_when_asked(tmp_path: Path) -> None:
+    from service.repository import fingerprint
+
+    folder = tmp_path / "fashion-mnist-cnn" / "1"
+    shutil.copytree(ROOT / "models" / "fashion-mnist-cnn" / "1", folder)
+    before = fingerprint(folder)
+    assert main(["evaluate", str(folder)]) == 0
+    assert fingerprint(folder) == before  # a server polling the repository sees nothing to reload
+    card = json.loads((folder / "card.json").read_text())
+    assert main(["evaluate", str(folder), "--write"]) == 0
+    assert fingerprint(folder) != before
+    assert (
+        json.loads((folder / "card.json").read_text())["metrics"]["test_accuracy"] == card["metrics"]["test_accuracy"]
+    )

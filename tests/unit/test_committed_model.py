@@ -19,21 +19,26 @@ def test_card_sha256_matches_the_file() -> None:
     assert card["name"] == "fashion-mnist-cnn" and card["version"] == "1"
 
 
-def test_probabilities_graph_is_listed_and_equals_the_full_graph_bit_for_bit(test_split) -> None:  # type: ignore[no-untyped-def]
-    """model.probabilities.onnx (what the server runs for probability-only requests) is the card's,
-    declares only `probabilities`, and answers exactly what model.onnx answers on 1,000 real images."""
+def test_lean_graph_is_listed_and_equals_the_full_graph_bit_for_bit(test_split) -> None:  # type: ignore[no-untyped-def]
+    """model.lean.onnx (what the server runs for predictions: probabilities and the embedding the OOD score
+    needs) is the card's, declares only those two, and answers exactly what model.onnx answers on 1,000
+    real images."""
     card = json.loads((FOLDER / "card.json").read_text())
-    lean_path = FOLDER / card["onnx_probabilities"]["file"]
-    assert lean_path.name == "model.probabilities.onnx"
-    assert hashlib.sha256(lean_path.read_bytes()).hexdigest() == card["onnx_probabilities"]["sha256"]
+    lean_path = FOLDER / card["onnx_lean"]["file"]
+    assert lean_path.name == "model.lean.onnx" and card["onnx_lean"]["outputs"] == ["probabilities", "embedding"]
+    assert hashlib.sha256(lean_path.read_bytes()).hexdigest() == card["onnx_lean"]["sha256"]
+    assert not (FOLDER / "model.probabilities.onnx").exists()  # the earlier probabilities-only graph is gone
     full = ort.InferenceSession(str(FOLDER / "model.onnx"), providers=["CPUExecutionProvider"])
     lean = ort.InferenceSession(str(lean_path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in lean.get_outputs()] == ["probabilities"]
+    names = ["probabilities", "embedding"]
+    assert [o.name for o in lean.get_outputs()] == names
     assert lean.get_inputs()[0].name == card["input"]["name"] == "image"
     x = (test_split.images[:1000].astype(np.float32) / 255.0)[..., None]
-    want = full.run(["probabilities"], {"image": x})[0]
-    assert np.array_equal(lean.run(["probabilities"], {"image": x})[0], want)
-    assert np.array_equal(lean.run(["probabilities"], {"image": x[:1]})[0], want[:1])
+    want = full.run(names, {"image": x})
+    for got, expected in zip(lean.run(names, {"image": x}), want, strict=True):
+        assert np.array_equal(got, expected)
+    for got, expected in zip(lean.run(names, {"image": x[:1]}), want, strict=True):
+        assert np.array_equal(got, expected[:1])
 
 
 def test_test_accuracy_is_what_the_card_states_and_at_least_93_percent(test_split) -> None:  # type: ignore[no-untyped-def]

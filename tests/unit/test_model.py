@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from service.errors import ModelLoadError, NotFound
-from service.model import Model, locate, resolve_providers, versions
+from service.model import PREFERRED_DEFAULT, Model, locate, resolve_providers, versions
 from tests.support import model_folder
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -84,17 +84,17 @@ def test_run_outputs_and_unknown_output() -> None:
         model.run(np.zeros((1, 28, 28, 1), np.float32), ["conv99"])
 
 
-def test_the_probabilities_graph_is_verified_like_the_main_one(tmp_path: Path) -> None:
-    """The card lists the probabilities-only graph with its SHA-256: a file that does not match stops the
+def test_the_lean_graph_is_verified_like_the_main_one(tmp_path: Path) -> None:
+    """The card lists the lean graph with its SHA-256: a file that does not match stops the
     load with a one-line reason, as the main graph's would."""
     folder = tmp_path / "m" / "1"
     shutil.copytree(model_folder(), folder)
-    lean = folder / "model.probabilities.onnx"
+    lean = folder / "model.lean.onnx"
     lean.write_bytes(lean.read_bytes()[:-1] + b"\0")
-    with pytest.raises(ModelLoadError, match="model.probabilities.onnx: SHA-256 .* does not match the card"):
+    with pytest.raises(ModelLoadError, match="model.lean.onnx: SHA-256 .* does not match the card"):
         Model(folder, providers=["cpu"]).load()
     lean.unlink()
-    with pytest.raises(ModelLoadError, match="model.probabilities.onnx: cannot read model"):
+    with pytest.raises(ModelLoadError, match="model.lean.onnx: cannot read model"):
         Model(folder, providers=["cpu"]).load()
 
 
@@ -102,7 +102,7 @@ def test_probabilities_run_on_the_lean_graph_with_identical_results(test_split) 
     model = Model(model_folder(), providers=["cpu"])
     model.load()
     assert model.lean_session is not None and model.session is not None
-    assert [o.name for o in model.lean_session.get_outputs()] == ["probabilities"]
+    assert [o.name for o in model.lean_session.get_outputs()] == ["probabilities", "embedding"]
     calls: list[str] = []
 
     def counted(label: str, run: Any) -> Any:
@@ -118,19 +118,25 @@ def test_probabilities_run_on_the_lean_graph_with_identical_results(test_split) 
     lean = model.run(x, ["probabilities"])["probabilities"]
     both = model.run(x, ["probabilities", "conv1"])
     everything = model.run(x[:8])
-    assert calls == ["lean", "full", "full"]
+    # What every prediction asks for: the probabilities and the OOD score, from the lean graph's embedding.
+    classified = model.run(x[:8], model.classify_outputs)
+    assert model.classify_outputs == ["probabilities", "ood_score"] and list(classified) == model.classify_outputs
+    assert calls == ["lean", "full", "full", "lean"]
+    assert model.ood is not None
+    np.testing.assert_array_equal(classified["ood_score"], model.ood.score(everything["embedding"]))
+    assert model.run(x[:0], ["ood_score"])["ood_score"].shape == (0,)
     assert np.array_equal(lean, both["probabilities"])  # the same numbers, bit for bit
     assert np.array_equal(lean[:8], everything["probabilities"])
 
 
 def test_without_a_lean_graph_every_run_uses_the_full_one(tmp_path: Path) -> None:
-    """A version whose card lists no probabilities-only graph is served from its full graph."""
+    """A version whose card lists no lean graph is served from its full graph."""
     folder = tmp_path / "m" / "1"
     shutil.copytree(model_folder(), folder)
     card = json.loads((folder / "card.json").read_text())
-    del card["onnx_probabilities"]
+    del card["onnx_lean"]
     (folder / "card.json").write_text(json.dumps(card))
-    (folder / "model.probabilities.onnx").unlink()
+    (folder / "model.lean.onnx").unlink()
     model = Model(folder, providers=["cpu"])
     model.load()
     assert model.ready and model.lean_session is None
@@ -146,5 +152,8 @@ def test_latest_version_is_served_unless_told_otherwise(tmp_path: Path) -> None:
     assert locate(tmp_path, None, None) == tmp_path / name / "10"
     assert locate(tmp_path, name, "2") == tmp_path / name / "2"
     shutil.copytree(model_folder(), tmp_path / "other" / "1")
+    # Several models: the preferred default when it is among them, else the caller must choose.
+    assert name == PREFERRED_DEFAULT and locate(tmp_path, None, None) == tmp_path / name / "10"
+    shutil.move(tmp_path / name, tmp_path / "renamed")
     with pytest.raises(ModelLoadError, match="several models"):
         locate(tmp_path, None, None)

@@ -133,7 +133,7 @@ def test_npy_and_npz(capsys, tmp_path, test_split, reference_session) -> None:  
     assert f"accuracy {correct / 40:.4f} ({correct}/40 labelled images correct)" in err
 
 
-def test_broken_files_are_reported_and_skipped(capsys, tmp_path, test_split) -> None:  # type: ignore[no-untyped-def]
+def test_broken_files_are_reported_and_fail_the_run(capsys, tmp_path, test_split) -> None:  # type: ignore[no-untyped-def]
     folder = tmp_path / "mixed"
     folder.mkdir()
     for i in range(5):
@@ -141,9 +141,16 @@ def test_broken_files_are_reported_and_skipped(capsys, tmp_path, test_split) -> 
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is no png")
     (folder / "notes.jpg").write_bytes(b"plain text")
     (folder / "cut.npy").write_bytes(b"\x93NUMPY\x01\x00")
+    (folder / "README.txt").write_text("not an image")
+    (folder / "scores.csv").write_text("a,b\n")
     out = tmp_path / "r.csv"
     code, _, err = run(capsys, folder, "--out", out)
-    assert code == 0, err
+    assert code == 1, err  # files failed: a script running the scorer must notice
+    assert "error: 3 of 8 images failed" in err and "--allow-failures" in err
+    assert "skipped 2 files (not images or arrays)" in err
+    code, _, accepted = run(capsys, folder, "--out", out, "--allow-failures")
+    assert code == 0, accepted
+    assert "error:" not in accepted and "skipped 2 files (not images or arrays)" in accepted
     with out.open(newline="") as f:
         rows = {Path(r["source"]).name: r for r in csv.DictReader(f)}
     assert len(rows) == 8
@@ -168,8 +175,8 @@ def test_csv_and_jsonl_hold_the_same_rows(capsys, tmp_path, test_split) -> None:
         columns = reader.fieldnames
         table = list(reader)
     assert columns == [
-        "source", "label", "class_id", "probability", "true_label", "true_class_id", "error",
-        "top2_label", "top2_probability", "top3_label", "top3_probability", *(f"p_{c}" for c in CLASSES),
+        "source", "label", "class_id", "probability", "ood_score", "in_distribution", "true_label", "true_class_id",
+        "error", "top2_label", "top2_probability", "top3_label", "top3_probability", *(f"p_{c}" for c in CLASSES),
     ]  # fmt: skip
     lines = read_jsonl(tmp_path / "r.jsonl")
     assert lines == [json.loads(line) for line in stdout.splitlines()]
@@ -177,8 +184,11 @@ def test_csv_and_jsonl_hold_the_same_rows(capsys, tmp_path, test_split) -> None:
     for row, line in zip(table, lines, strict=True):
         assert set(line) == {
             "source", "label", "class_id", "probability", "top_k", "probabilities", "true_label", "true_class_id",
-            "error",
+            "error", "ood_score", "in_distribution",
         }  # fmt: skip
+        # Test images: in distribution, the same score in both files (the model's OOD fields, service/ood.py).
+        assert line["in_distribution"] is True and row["in_distribution"] == "True"
+        assert float(row["ood_score"]) == line["ood_score"] > 0
         assert row["source"] == line["source"] and row["label"] == line["label"]
         assert int(row["class_id"]) == line["class_id"] and float(row["probability"]) == line["probability"]
         assert [float(row[f"p_{c}"]) for c in CLASSES] == line["probabilities"]
@@ -332,3 +342,15 @@ def test_url_sends_the_api_key(capsys, tmp_path, monkeypatch) -> None:  # type: 
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_labels_beside_images_in_a_folder_label_them(capsys, tmp_path, test_split) -> None:  # type: ignore[no-untyped-def]
+    """A folder with images.npy and labels.npy (as examples/ has): the labels are read with the images,
+    never scored as an input of their own."""
+    np.save(tmp_path / "images.npy", test_split.images[:10])
+    np.save(tmp_path / "labels.npy", test_split.labels[:10].astype(np.int64))
+    code, out, err = run(capsys, tmp_path, "--out", "-")
+    assert code == 0, err
+    assert len(out.splitlines()) == 10 and "labels.npy" not in out
+    assert "10 images, 0 failed" in err and "/10 labelled images correct)" in err
+    assert "skipped" not in err
