@@ -126,10 +126,10 @@ def test_two_workers_serve_and_share_their_metrics(tmp_path: Path, test_split, r
 
 SUPERVISOR_PROBE = """
 import json, sys
-import uvicorn
-def record(app, **options):  # instead of serving: what the supervisor would have started, and had imported
-    print(json.dumps({"app": app, "workers": options.get("workers"), "fastapi": "fastapi" in sys.modules}))
-uvicorn.run = record
+from service.api import protocol
+def record(app, workers, **options):  # instead of serving: what the supervisor would have started, and had imported
+    print(json.dumps({"app": app, "workers": workers, "fastapi": "fastapi" in sys.modules}))
+protocol.serve = record
 from service.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """

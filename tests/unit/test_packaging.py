@@ -4,6 +4,7 @@ hashes (make serve and the image), the console commands exist, and `make serve P
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -122,12 +123,15 @@ def test_console_commands() -> None:
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")  # make test needs it anyway
 def test_make_serve_takes_settings_as_make_variables() -> None:
     def serve_command(*variables: str) -> str:
+        # Outside any make that runs this test (`make test`): a sub-make would print "Entering directory".
+        environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
         dry = subprocess.run(
-            ["make", "-n", "serve", *variables, "SERVE_VENV=/nonexistent-venv"],
+            ["make", "--no-print-directory", "-n", "serve", *variables, "SERVE_VENV=/nonexistent-venv"],
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=60,
+            env=environment,
         )
         assert dry.returncode == 0, dry.stderr
         return dry.stdout.strip().splitlines()[-1]
