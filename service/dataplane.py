@@ -213,11 +213,6 @@ class DataPlane:
         served = self.repository.table.default
         return served.batcher.stats if served is not None and served.batcher is not None else None
 
-    def loaded(self) -> Model | None:
-        """The default model, ready or not (None when there is none)."""
-        served = self.repository.table.default
-        return served.model if served is not None else None
-
     def model(self, name: str | None = None, version: str | None = None, *, ready: bool = True) -> Model:
         """The model `name` (None: the default model) at `version` (None: its highest loaded version). 404
         for an unknown name or version (or no default model among several), 503 while it is not ready
