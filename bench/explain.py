@@ -29,6 +29,7 @@ from bench.inapp import _access_log_to_devnull, _request, _scope, service_settin
 
 ROUTES = {
     "/v1/predict": "/v1/predict",
+    "layercam": "/v1/explain?method=layercam",
     "gradcam": "/v1/explain?method=gradcam",
     "gradcam, png": "/v1/explain?method=gradcam&format=png",
     "occlusion": "/v1/explain?method=occlusion",

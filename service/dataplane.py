@@ -106,12 +106,15 @@ def scored(model: Model, result: dict[str, np.ndarray], k: int) -> list[dict[str
 
 def derived_outputs(model: Model) -> list[TensorSpec]:
     """Outputs computed from the graph's own (DataPlane.outputs), which the V2 protocol offers by name beside
-    them: the OOD score and flag per image, and Grad-CAM of the predicted class, [N, 28, 28]."""
+    them: the OOD score and flag per image, and Grad-CAM and LayerCAM of the predicted class, [N, 28, 28]."""
     specs = []
     if model.ood is not None:
         specs += [TensorSpec("ood_score", (-1,), "float32", "ood_score"), TensorSpec("in_distribution", (-1,), "bool")]
     if model.head is not None:
-        specs.append(TensorSpec("gradcam", (-1, explain.SIZE, explain.SIZE), "float32", "attribution"))
+        specs += [
+            TensorSpec(method.value, (-1, explain.SIZE, explain.SIZE), "float32", "attribution")
+            for method in explain.GRADIENT_METHODS
+        ]
     return specs
 
 
@@ -365,7 +368,8 @@ class DataPlane:
         wanted = set(names)
         needed = wanted & set(model.output_names)
         ood = model.ood if wanted & {"ood_score", "in_distribution"} else None
-        head = model.head if "gradcam" in wanted else None
+        maps = [method for method in explain.GRADIENT_METHODS if method.value in wanted]
+        head = model.head if maps else None
         if ood is not None:
             needed.add(model.ood_output)
         if head is not None:
@@ -376,7 +380,10 @@ class DataPlane:
             result["ood_score"], result["in_distribution"] = scores, ood.passes(scores)
         if head is not None:
             predicted = result[model.probabilities_output].argmax(axis=1)
-            result["gradcam"] = explain.gradcam(head, result[head.layer], result[head.embedding], predicted)
+            for method in maps:
+                result[method.value] = explain.GRADIENT_MAPS[method](
+                    head, result[head.layer], result[head.embedding], predicted
+                )
         return {name: result[name] for name in names}
 
     # ---------------------------------------------------------------------------------- explanations
@@ -392,7 +399,7 @@ class DataPlane:
         stride: int = explain.DEFAULT_STRIDE,
     ) -> explain.Explanation:
         """An attribution map of one image ([1, 28, 28, 1]) for `class_id` (default: the predicted class),
-        with the image's prediction (class scores and OOD fields). Grad-CAM: one run of the graph's
+        with the image's prediction (class scores and OOD fields). Grad-CAM and LayerCAM: one run of the graph's
         probabilities, last conv layer and embedding, then numpy (service/explain.py); occlusion: the image
         and every occluded copy in one batch."""
         if method is explain.Method.occlusion and stride > patch:
@@ -401,18 +408,20 @@ class DataPlane:
             raise ServiceError(
                 f"class_id {class_id} out of range: the model has {len(model.card.classes)} classes", 422
             )
-        if method is explain.Method.gradcam:
+        if method in explain.GRADIENT_METHODS:
             head = model.head
             if head is None:
                 raise NotFound(
-                    f"model {model.name!r} version {model.version!r} has no Grad-CAM head (its card lists no "
-                    "`explain` file): method=occlusion works for every model"
+                    f"model {model.name!r} version {model.version!r} has no explanation head for {method.value} "
+                    "(its card lists no `explain` file): method=occlusion works for every model"
                 )
             names = list(dict.fromkeys([*model.classify_outputs, head.layer, head.embedding]))
             result = await self.infer(model, tensor, names)
             prediction = scored(model, result, k)[0]
             chosen = prediction["class_id"] if class_id is None else class_id
-            attribution = explain.gradcam(head, result[head.layer], result[head.embedding], np.array([chosen]))[0]
+            attribution = explain.GRADIENT_MAPS[method](
+                head, result[head.layer], result[head.embedding], np.array([chosen])
+            )[0]
             details: dict[str, Any] = {"layer": head.layer, "target": "logit"}
         else:
             copies = await self.off_loop(explain.occluded, tensor[0], patch, stride)

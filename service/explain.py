@@ -42,7 +42,12 @@ SIZE = 28
 
 class Method(StrEnum):
     gradcam = "gradcam"
+    layercam = "layercam"
     occlusion = "occlusion"
+
+
+# The methods computed from the exact gradient at the last conv layer (they need the model's head).
+GRADIENT_METHODS = (Method.gradcam, Method.layercam)
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,19 @@ def gradcam(head: Head, features: np.ndarray, embedding: np.ndarray, class_ids: 
     weights = gradient.mean(axis=(1, 2))  # alpha_k: [N, C]
     cam = np.maximum(np.einsum("nhwc,nc->nhw", np.asarray(features, np.float32), weights), 0.0)
     return upsample(cam)
+
+
+def layercam(head: Head, features: np.ndarray, embedding: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """[N, 28, 28] LayerCAM maps (Jiang et al. 2021): ReLU(sum_k ReLU(dz_c/dA_k(i, j)) · A_k(i, j)), the
+    same exact gradient as Grad-CAM but weighted at each position instead of averaged over the map. Grad-CAM's
+    average gives a channel that fires on the background beside a garment the weight it earns elsewhere; here
+    a position counts only where raising its activation raises the class's logit."""
+    gradient = head.logit_gradient(features, embedding, class_ids)
+    cam = np.einsum("nhwc,nhwc->nhw", np.maximum(gradient, 0.0), np.asarray(features, np.float32))
+    return upsample(np.maximum(cam, 0.0))
+
+
+GRADIENT_MAPS = {Method.gradcam: gradcam, Method.layercam: layercam}
 
 
 # -------------------------------------------------------------------------------------------- occlusion

@@ -392,7 +392,7 @@ class Model:
             "parameters": self.card.raw.get("parameters"),
             "created": self.card.raw.get("created"),
             # POST /v1/explain's methods for this version (Grad-CAM needs the card's head file).
-            "explanations": (["gradcam"] if self.head is not None else []) + ["occlusion"],
+            "explanations": (["gradcam", "layercam"] if self.head is not None else []) + ["occlusion"],
             "out_of_distribution": None
             if self.ood is None
             else {

@@ -42,12 +42,21 @@ def run(model: Model, x: np.ndarray, outputs: list[str], chunk: int = 512) -> di
 # ------------------------------------------------------------------------------------- attributions
 
 
-def gradcam_maps(model: Model, x: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
-    head = model.head
-    if head is None:
-        raise ValueError(f"{model.folder}: no explanation head (the card lists no `explain` file)")
-    out = run(model, x, [head.layer, head.embedding])
-    return explain.gradcam(head, out[head.layer], out[head.embedding], class_ids)
+def gradient_maps(method: explain.Method) -> Callable[[Model, np.ndarray, np.ndarray], np.ndarray]:
+    """Grad-CAM or LayerCAM maps of a batch, from the graph's outputs and the exported head."""
+
+    def maps(model: Model, x: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+        head = model.head
+        if head is None:
+            raise ValueError(f"{model.folder}: no explanation head (the card lists no `explain` file)")
+        out = run(model, x, [head.layer, head.embedding])
+        return explain.GRADIENT_MAPS[method](head, out[head.layer], out[head.embedding], class_ids)
+
+    return maps
+
+
+gradcam_maps = gradient_maps(explain.Method.gradcam)
+layercam_maps = gradient_maps(explain.Method.layercam)
 
 
 def occlusion_maps(
@@ -106,7 +115,7 @@ def faithfulness(
     methods: dict[str, Callable[[Model, np.ndarray, np.ndarray], np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """The deletion test on uint8 [N, 28, 28] `images` (see the module's doc)."""
-    methods = methods or {"gradcam": gradcam_maps, "occlusion": occlusion_maps}
+    methods = methods or {"gradcam": gradcam_maps, "layercam": layercam_maps, "occlusion": occlusion_maps}
     x = to_tensor(images)
     name = model.probabilities_output
     p0 = run(model, x, [name])[name]
@@ -193,7 +202,7 @@ def ood_evaluation(model: Model, test_images: np.ndarray, renders: int | None = 
 
 
 def overlays_picture(model: Model, images: np.ndarray, path: Path, scale: int = 4) -> None:
-    """A few test images side by side: the input, its Grad-CAM and its occlusion overlay (one row each),
+    """A few test images side by side: the input, its LayerCAM, Grad-CAM and occlusion overlays (a row each),
     each column headed by the predicted label (the README shows it)."""
     from PIL import Image, ImageDraw
 
@@ -203,6 +212,7 @@ def overlays_picture(model: Model, images: np.ndarray, path: Path, scale: int = 
     side, gap, header, margin = 28 * scale, 4, 14, 64
     maps = {
         "input": np.zeros((len(x), 28, 28)),
+        "LayerCAM": layercam_maps(model, x, class_ids),
         "Grad-CAM": gradcam_maps(model, x, class_ids),
         "occlusion": occlusion_maps(model, x, class_ids),
     }

@@ -27,10 +27,12 @@ class ExplainFormat(StrEnum):
 
 class ExplainParams(Params):
     method: explain.Method = Field(
-        explain.Method.gradcam,
-        description="`gradcam`: Grad-CAM on the last conv layer, exact (the gradient of the class's logit in "
-        "closed form), upsampled to 28×28, in logit units; `occlusion`: the mean drop of the class's "
-        "probability when a patch of background covers each pixel (every occluded copy scored in one batch).",
+        explain.Method.layercam,
+        description="`layercam` (the default): LayerCAM on the last conv layer, each position's activations "
+        "weighted by the positive part of the exact gradient of the class's logit there; `gradcam`: Grad-CAM, "
+        "the same gradient averaged over the layer (coarser: it also lights background beside the garment); "
+        "both upsampled to 28×28, in logit units. `occlusion`: the mean drop of the class's probability when a "
+        "patch of background covers each pixel (every occluded copy scored in one batch).",
     )
     class_id: int | None = Field(None, ge=0, description="The class to explain; default: the predicted class.")
     format: ExplainFormat = Field(
@@ -69,15 +71,16 @@ async def explain_image(request: Request, params: ExplainParams) -> Response:
 
 DESCRIPTION = (
     "Upload one image as for `/v1/predict`. Returns its prediction (with `ood_score` and `in_distribution`) "
-    "and an attribution map of the predicted class, or of `class_id`: `method=gradcam` (Grad-CAM on the last "
-    "conv layer, computed exactly from the graph's outputs and the exported head's weights; the class score is "
-    "the logit, before the softmax) or `method=occlusion` (`patch`, `stride`). The map is 28×28 in the "
+    "and an attribution map of the predicted class, or of `class_id`: `method=layercam` (the default) or "
+    "`method=gradcam` (LayerCAM or Grad-CAM on the last conv layer, from the exact gradient computed from the "
+    "graph's outputs and the exported head's weights; the class score is the logit, before the softmax) or "
+    "`method=occlusion` (`patch`, `stride`). The map is 28×28 in the "
     "preprocessed input's pixel grid (see `/v1/preprocess`); `format=png` draws it over that input."
 )
 SHORT = Endpoint(
     "/v1/explain",
     explain_image,
-    summary="Explain one prediction: Grad-CAM or occlusion",
+    summary="Explain one prediction: LayerCAM, Grad-CAM or occlusion",
     description=DESCRIPTION,
     params=ExplainParams,
     request_body=SINGLE_IMAGE_BODY,
@@ -89,7 +92,7 @@ SHORT = Endpoint(
         },
         404: {
             "model": NOT_FOUND["model"],
-            "description": "Unknown model or version; or Grad-CAM asked of a model without an explanation head",
+            "description": "Unknown model or version; or a gradient method asked of a model without a head",
         },
         **ERRORS,
     },

@@ -10,7 +10,7 @@ const CONCURRENT_IMAGES = 2; // enough to overlap uploads, few enough not to swa
 const PREDICT = "/v1/predict?top_k=10&feature_maps=true&input=true";
 // The overlays beside each prediction, one request per method the model offers (GET /v1/models: explanations).
 const EXPLAIN = "/v1/explain?format=png&method=";
-const METHOD_NAMES = { gradcam: "Grad-CAM", occlusion: "Occlusion" };
+const METHOD_NAMES = { gradcam: "Grad-CAM", layercam: "LayerCAM", occlusion: "Occlusion" };
 const KEY_STORAGE = "fashion-serve.api-key"; // sessionStorage: this tab only, gone when it closes
 
 const $ = (selector, root = document) => root.querySelector(selector);

@@ -1,5 +1,5 @@
 """Explanations and the out-of-distribution flag through the app: POST /v1/explain (and by model), the OOD
-fields of every prediction, and the V2 outputs `ood_score`, `in_distribution` and `gradcam`."""
+fields of every prediction, and the V2 outputs `ood_score`, `in_distribution`, `gradcam` and `layercam`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.explain import Head, gradcam
+from service.explain import Head, gradcam, layercam
 from service.ood import OodModel
 from tests.support import MODEL, VERSION, model_folder, model_version, png_bytes, repository_settings, uint8_input, v2
 from training import ood_sets
@@ -33,11 +33,13 @@ def reference(test_split) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-d
     folder = model_folder()
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     x = (test_split.images[:5].astype(np.float32) / 255.0)[..., None]
-    probabilities, conv3, embedding = session.run(["probabilities", "conv3", "embedding"], {"image": x})
     head = Head.from_bytes((folder / "model.head.npz").read_bytes())
+    probabilities, features, embedding = session.run(["probabilities", head.layer, "embedding"], {"image": x})
     ood = OodModel.from_bytes((folder / "model.ood.npz").read_bytes())
     return {
-        "gradcam": gradcam(head, conv3, embedding, probabilities.argmax(axis=1)),
+        "gradcam": gradcam(head, features, embedding, probabilities.argmax(axis=1)),
+        "layercam": layercam(head, features, embedding, probabilities.argmax(axis=1)),
+        "layer": np.array(head.layer),
         "ood_score": ood.score(embedding),
         "probabilities": probabilities,
     }
@@ -67,24 +69,31 @@ def test_batch_items_carry_the_ood_fields(client: TestClient, test_split) -> Non
 
 def test_model_metadata_tells_the_methods_and_the_threshold(client: TestClient) -> None:
     info = client.get(f"/v1/models/{MODEL}").json()
-    assert info["explanations"] == ["gradcam", "occlusion"]
+    assert info["explanations"] == ["gradcam", "layercam", "occlusion"]
     assert info["out_of_distribution"]["threshold"] > 0 and info["out_of_distribution"]["validation_tpr"] == 0.95
 
 
 # ----------------------------------------------------------------------------------------- explain
 
 
-def test_gradcam_json_is_the_closed_form_of_the_graphs_outputs(client: TestClient, test_split, reference) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("query", "method"), [("", "layercam"), ("?method=layercam", "layercam"), ("?method=gradcam", "gradcam")]
+)
+def test_gradient_maps_are_the_closed_form_of_the_graphs_outputs(
+    client: TestClient, test_split, reference, query: str, method: str
+) -> None:  # type: ignore[no-untyped-def]
+    """LayerCAM (the default) and Grad-CAM, each equal to its formula on onnxruntime's outputs."""
     for i in range(3):
-        response = client.post("/v1/explain", files=_files(png_bytes(test_split.images[i])))
+        response = client.post(f"/v1/explain{query}", files=_files(png_bytes(test_split.images[i])))
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["class_id"] == int(reference["probabilities"][i].argmax()) and body["in_distribution"] is True
         explanation = body["explanation"]
-        assert explanation["method"] == "gradcam" and explanation["target"] == "logit"
-        assert explanation["layer"] == "conv3" and explanation["class_id"] == body["class_id"]
+        assert explanation["method"] == method and explanation["target"] == "logit"
+        assert explanation["layer"] == str(reference["layer"]) and explanation["class_id"] == body["class_id"]
         assert explanation["shape"] == [28, 28]
-        np.testing.assert_allclose(np.array(explanation["data"]), reference["gradcam"][i], atol=1e-5)
+        np.testing.assert_allclose(np.array(explanation["data"]), reference[method][i], atol=1e-5)
+    assert not np.allclose(reference["gradcam"], reference["layercam"])  # two different maps
 
 
 def test_occlusion_and_a_chosen_class(client: TestClient, test_split) -> None:  # type: ignore[no-untyped-def]
@@ -104,7 +113,7 @@ def test_occlusion_and_a_chosen_class(client: TestClient, test_split) -> None:  
 
 
 def test_png_overlay(client: TestClient, test_split) -> None:  # type: ignore[no-untyped-def]
-    for method in ("gradcam", "occlusion"):
+    for method in ("layercam", "gradcam", "occlusion"):
         response = client.post(f"/v1/explain?format=png&method={method}", files=_files(png_bytes(test_split.images[0])))
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         assert response.headers["x-predicted-class"] == response.headers["x-explained-class"] == "9"
@@ -158,7 +167,7 @@ def test_a_version_without_head_or_ood_explains_by_occlusion_only(tmp_path: Path
         assert client.post("/v1/explain?method=occlusion", files=_files(data)).status_code == 200
         assert client.get("/v1/models/plain").json()["explanations"] == ["occlusion"]
         outputs = [o["name"] for o in client.get("/v2/models/plain").json()["outputs"]]
-        assert "gradcam" not in outputs and "ood_score" not in outputs
+        assert "gradcam" not in outputs and "layercam" not in outputs and "ood_score" not in outputs
 
 
 # ---------------------------------------------------------------------------------------------- V2
@@ -168,18 +177,21 @@ def test_v2_metadata_lists_the_derived_outputs(client: TestClient) -> None:
     outputs = {o["name"]: o for o in client.get(f"/v2/models/{MODEL}").json()["outputs"]}
     assert outputs["ood_score"] == {"name": "ood_score", "datatype": "FP32", "shape": [-1]}
     assert outputs["in_distribution"] == {"name": "in_distribution", "datatype": "BOOL", "shape": [-1]}
-    assert outputs["gradcam"] == {"name": "gradcam", "datatype": "FP32", "shape": [-1, 28, 28]}
+    for method in ("gradcam", "layercam"):
+        assert outputs[method] == {"name": method, "datatype": "FP32", "shape": [-1, 28, 28]}
 
 
 def test_v2_infer_returns_ood_and_gradcam(client: TestClient, test_split, reference) -> None:  # type: ignore[no-untyped-def]
     request = uint8_input(rows=3, data=test_split.images[:3].tolist())
-    outputs = [{"name": "ood_score"}, {"name": "in_distribution"}, {"name": "gradcam"}]
+    outputs = [{"name": "ood_score"}, {"name": "in_distribution"}, {"name": "gradcam"}, {"name": "layercam"}]
     response = client.post(f"/v2/models/{MODEL}/infer", content=v2([request], outputs=outputs))
     assert response.status_code == 200, response.text
     got = {o["name"]: o for o in response.json()["outputs"]}
     assert got["in_distribution"]["datatype"] == "BOOL" and got["in_distribution"]["data"] == [True] * 3
     np.testing.assert_allclose(got["ood_score"]["data"], reference["ood_score"][:3], rtol=1e-5)
     assert got["gradcam"]["shape"] == [3, 28, 28]
-    np.testing.assert_allclose(np.array(got["gradcam"]["data"]).reshape(3, 28, 28), reference["gradcam"][:3], atol=1e-5)
+    for method in ("gradcam", "layercam"):
+        data = np.array(got[method]["data"]).reshape(3, 28, 28)
+        np.testing.assert_allclose(data, reference[method][:3], atol=1e-5)
     unknown = client.post(f"/v2/models/{MODEL}/infer", content=v2([request], outputs=[{"name": "saliency"}]))
     assert unknown.status_code == 400 and "gradcam" in unknown.json()["error"]

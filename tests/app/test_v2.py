@@ -108,7 +108,7 @@ def json_header(response: httpx.Response) -> dict[str, Any]:
 
 
 # Outputs the committed model offers beside its graph's: computed from them (service.dataplane.derived_outputs).
-DERIVED = ["ood_score", "in_distribution", "gradcam"]
+DERIVED = ["ood_score", "in_distribution", "gradcam", "layercam"]
 
 
 def reference_outputs(session: ort.InferenceSession, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -134,7 +134,7 @@ def test_page_asks_for_the_key_and_classifies_each_image_with_one_upload(  # typ
     # One prediction per image: the input and the maps come from the same answer; then, for each image that
     # was classified, one explanation overlay per method the model offers.
     posts = [path for method, path in offline.requests if method == "POST"]
-    explains = [f"/v1/explain?format=png&method={m}" for m in ("gradcam", "occlusion")] * 2
+    explains = [f"/v1/explain?format=png&method={m}" for m in ("layercam", "occlusion")] * 2
     assert sorted(posts) == sorted(["/v1/predict?top_k=10&feature_maps=true&input=true"] * 3 + explains), posts
     # The model input drawn on the page is the image's own pixels (a data set image passes unchanged).
     drawn = card.locator("canvas.model-input").evaluate(
@@ -163,7 +163,7 @@ def test_page_asks_for_the_key_and_classifies_each_image_with_one_upload(  # typ
     assert width is not None and width["width"] > 0.9 * (DESKTOP["width"] - 60), width
 
     # The explanation overlays beside the prediction (224×224 PNGs from /v1/explain); a garment gets no notice.
-    for method in ("gradcam", "occlusion"):
+    for method in ("layercam", "occlusion"):
         overlay = card.locator(f'.explain-figure[data-method="{method}"] img')
         expect(overlay).to_be_visible()
         assert overlay.evaluate("i => i.naturalWidth") == 224

@@ -60,7 +60,7 @@ def test_health_and_metadata(triton_client: triton.InferenceServerClient, served
     assert meta["name"] == name
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
     # The graph's outputs, then those the service computes from them (the OOD score and flag, Grad-CAM).
-    derived = ["ood_score", "in_distribution", "gradcam"]
+    derived = ["ood_score", "in_distribution", "gradcam", "layercam"]
     assert [o["name"] for o in meta["outputs"]] == [o["name"] for o in served["outputs"]] + derived
     assert triton_client.get_model_metadata(name, version) == meta
     with pytest.raises(InferenceServerException) as caught:

@@ -112,6 +112,22 @@ def test_gradcam_maps(head: Head, graph: dict[str, np.ndarray]) -> None:
     assert not np.allclose(maps, other)  # the class matters
 
 
+def test_layercam_weights_each_position_by_its_own_positive_gradient(head: Head, graph: dict[str, np.ndarray]) -> None:
+    class_ids = graph["probabilities"].argmax(axis=1)
+    features, embedding = graph["conv3"], graph["embedding"]
+    maps = explain.layercam(head, features, embedding, class_ids)
+    assert maps.shape == (200, 28, 28) and maps.dtype == np.float32 and (maps >= 0).all()
+    gradient = head.logit_gradient(features, embedding, class_ids)
+    for i in range(3):  # position by position, channel by channel
+        cam = np.zeros(features.shape[1:3])
+        for y, x, c in np.ndindex(*features.shape[1:]):
+            cam[y, x] += max(gradient[i, y, x, c], 0.0) * features[i, y, x, c]
+        np.testing.assert_allclose(maps[i], explain.upsample(cam[None])[0], rtol=1e-4, atol=1e-6)
+    # Not Grad-CAM: the spatial average of the gradient would spread weight to positions this leaves dark.
+    assert not np.allclose(maps, explain.gradcam(head, features, embedding, class_ids), atol=1e-3)
+    assert not np.allclose(maps, explain.layercam(head, features, embedding, (class_ids + 1) % 10))
+
+
 def test_upsampling_is_pillows_bilinear() -> None:
     maps = np.random.default_rng(1).random((2, 7, 7)).astype(np.float32)
     got = explain.upsample(maps)
