@@ -9,7 +9,11 @@ ARCHITECTURE_NAMES = (
     "blog-1conv",
     "blog-2conv",
     "blog-4conv",
+    "bn-cnn-wide",
 )
 # Old names that still build: `double-conv` was renamed for what it is (same padding, not the blog's).
 ARCHITECTURE_ALIASES = {"double-conv": "double-conv-same"}
 DEFAULT_ARCH = "bn-cnn"
+SCHEDULES = ("warmup-cosine", "constant")
+CHECKPOINTS = ("best-val-accuracy", "best-val-loss", "last")
+OPTIMIZERS = ("AdamW", "Adam")

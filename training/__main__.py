@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from training import ARCHITECTURE_ALIASES, ARCHITECTURE_NAMES, DEFAULT_ARCH
+from training import ARCHITECTURE_ALIASES, ARCHITECTURE_NAMES, CHECKPOINTS, DEFAULT_ARCH, SCHEDULES
 from training.data import DataError
 from training.recipes import RECIPE_NAMES, RECIPES
 
@@ -71,9 +71,41 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--epochs", type=_positive, help="epochs (default 15, or the recipe's)")
     t.add_argument("--batch-size", type=_positive, help="batch size (default 128, or the recipe's)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the shuffling and the validation split")
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights, the shuffling and the augmentation")
+    t.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the validation split (kept apart from --seed so runs are compared on the same images)",
+    )
     t.add_argument("--learning-rate", type=float, help="peak learning rate (default 2e-3, or the recipe's)")
+    t.add_argument(
+        "--schedule", choices=SCHEDULES, help="learning-rate schedule (default warmup-cosine, or the recipe's)"
+    )
+    t.add_argument(
+        "--weight-decay-per-step",
+        type=float,
+        help="decoupled weight decay: the fraction of every weight removed per step at the peak learning rate, "
+        "e.g. 5e-5 (default: Keras's coefficient 1e-4 × the learning rate, i.e. almost none)",
+    )
+    t.add_argument(
+        "--ema", type=float, metavar="MOMENTUM", help="average the weights (e.g. 0.999); validate and keep the average"
+    )
+    t.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
+    t.add_argument(
+        "--random-erasing", type=float, metavar="P", help="chance per image of erasing a random rectangle (default 0)"
+    )
+    t.add_argument("--max-shift", type=int, metavar="PX", help="largest random shift per image in pixels (default 1)")
+    t.add_argument(
+        "--checkpoint", choices=CHECKPOINTS, help="which epoch's weights are kept (default best-val-accuracy)"
+    )
     t.add_argument("--no-augment", action="store_true", help="no flips, shifts or erasing")
+    t.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="a selection run: train and save model.keras and training.json, report the validation score, and "
+        "neither export nor look at the test set (`export` and `evaluate --write` the chosen run later)",
+    )
     t.add_argument(
         "--train-limit",
         type=_positive,
@@ -153,9 +185,17 @@ def train_settings(args: argparse.Namespace) -> dict[str, object]:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "train_limit": args.train_limit,
+        "schedule": args.schedule,
+        "weight_decay_per_step": args.weight_decay_per_step,
+        "ema_momentum": args.ema,
+        "label_smoothing": args.label_smoothing,
+        "random_erasing": args.random_erasing,
+        "max_shift_px": args.max_shift,
+        "checkpoint": args.checkpoint,
     }
     settings |= {k: v for k, v in given.items() if v is not None}
     settings["seed"] = args.seed
+    settings["split_seed"] = args.split_seed
     if args.no_augment:
         settings["augment"] = False
     return settings
@@ -172,11 +212,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, save, train
 
     cfg = TrainConfig(**settings)  # type: ignore[arg-type]
-    dataset = data.load(args.data_dir, validation_size=cfg.validation_size, seed=cfg.seed)
+    dataset = data.load(
+        args.data_dir, validation_size=cfg.validation_size, seed=cfg.split_seed, with_test=not args.validation_only
+    )
     n_train = min(len(dataset.train.labels), cfg.train_limit or len(dataset.train.labels))
     print(f"training {cfg.arch} on {n_train} images from {dataset.source} → {folder}")
     result = train(dataset, cfg)
     save(result, cfg, folder)
+    val_accuracy = result.history["val_accuracy"][result.best_epoch - 1]
+    if args.validation_only:
+        n_val = len(dataset.validation.labels)
+        se = (val_accuracy * (1 - val_accuracy) / n_val) ** 0.5
+        print(
+            f"{folder}: validation accuracy {val_accuracy:.4f} ± {se:.4f} (standard error, {n_val} images), "
+            f"epoch {result.best_epoch} of {len(result.history['loss'])}, {result.seconds:.0f} s; test set not used"
+        )
+        return 0
     cmd_export(folder, args.data_dir, keep_created=False)
     summary = cmd_evaluate(folder, args.data_dir, write=True)
     rows = [
@@ -189,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{len(result.history['loss'])} of {cfg.epochs} ({result.best_epoch})",
         ),
         ("training time", f"{result.seconds:.0f} s"),
-        ("validation accuracy", f"{result.history['val_accuracy'][result.best_epoch - 1]:.4f}"),
+        ("validation accuracy", f"{val_accuracy:.4f}"),
         ("test accuracy", f"{summary['test_accuracy']:.4f}"),
         ("test loss", f"{summary['test_loss']:.4f}"),
         ("model", str(folder / "model.onnx")),
@@ -275,10 +326,10 @@ def cmd_export(folder: Path, data_dir: Path | None, *, keep_created: bool = True
     # The model's own split: the explanation head is checked on test images, the OOD Gaussians are fitted
     # on its training images and their threshold chosen on its validation images.
     config = record.get("config", {})
+    split_seed = int(config.get("split_seed", config.get("seed", 0)))
     dataset = data.load(
-        data_dir, validation_size=int(config.get("validation_size", 5_000)), seed=int(config.get("seed", 0)),
-        download=data_dir is None,
-    )  # fmt: skip
+        data_dir, validation_size=int(config.get("validation_size", 5_000)), seed=split_seed, download=data_dir is None
+    )
     test = dataset.test
     target = folder / "model.onnx"
     parity_images = to_tensor(test.images[: export.PARITY_SAMPLES])
@@ -320,6 +371,8 @@ def cmd_export(folder: Path, data_dir: Path | None, *, keep_created: bool = True
             metrics=old_metrics,
             created=old_created,
             extras=made.entries,
+            # How the model was chosen (python -m training.selection --out MODEL_DIR/selection.json), if logged.
+            selection=json.loads(selection.read_text()) if (selection := folder / "selection.json").is_file() else None,
         ),
     )
     # The probabilities-only graph of earlier exports: model.lean.onnx answers for it now.
@@ -359,17 +412,20 @@ def cmd_evaluate(folder: Path, data_dir: Path | None, *, write: bool = False) ->
     result = report.metrics(probs, test.labels)
     history = None
     validation_accuracy = None
+    validation_images = None
     if (folder / "training.json").is_file():
-        history = _training_record(folder)["history"]
+        record = _training_record(folder)
+        history = record["history"]
+        validation_images = int(record.get("config", {}).get("validation_size", 5_000))
         # the checkpoint's (its epoch is recorded), not the best of the noisy per-epoch scores
-        best_epoch = int(_training_record(folder).get("best_epoch") or 0)
+        best_epoch = int(record.get("best_epoch") or 0)
         validation_accuracy = history["val_accuracy"][best_epoch - 1] if best_epoch else max(history["val_accuracy"])
     written: list[str] = []
     if write:
         written = report.write(folder, result, history)
         if (folder / card.CARD).is_file():
             model_card = card.read(folder)
-            model_card["metrics"] = card.card_metrics(result, validation_accuracy)
+            model_card["metrics"] = card.card_metrics(result, validation_accuracy, validation_images)
             card.write(folder, model_card)
             written.append(card.CARD)
     print(

@@ -53,11 +53,13 @@ def build(
     metrics: dict[str, object] | None = None,
     created: str | None = None,
     extras: dict[str, dict[str, object]] | None = None,
+    selection: list[dict[str, object]] | None = None,
 ) -> dict[str, object]:
     """The card of one exported version. `lean_path` is the graph with only `lean_outputs` as outputs (the
-    probabilities and the embedding), which the server prefers for runs that want nothing else; `extras`
-    are the entries of the files beside the graphs ({"explain": {"file": ..., ...}, "ood": ...}: each
-    gets its file's SHA-256); `created` defaults to now."""
+        probabilities and the embedding), which the server prefers for runs that want nothing else; `extras`
+        are the entries of the files beside the graphs ({"explain": {"file": ..., ...}, "ood": ...}: each
+        gets its file's SHA-256); `selection` is the log of the runs the model was chosen from (validation scores
+    only; training/selection.py); `created` defaults to now."""
     folder = onnx_path.parent
     return {
         "name": name,
@@ -76,6 +78,7 @@ def build(
         "outputs": outputs_spec(output_shapes),
         "metrics": metrics or {},
         "training": training,
+        **({"selection": selection} if selection else {}),
         "parameters": parameters,
         **({"multiply_adds": multiply_adds} if multiply_adds is not None else {}),  # per image, conv and dense
         "data": {"name": "Fashion-MNIST", "sha256": data_sha256},
@@ -103,10 +106,17 @@ def write(folder: Path, card: dict[str, object]) -> None:
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def card_metrics(evaluation: dict[str, object], validation_accuracy: float | None) -> dict[str, object]:
+def card_metrics(
+    evaluation: dict[str, object], validation_accuracy: float | None, validation_images: int | None = None
+) -> dict[str, object]:
     """The card keeps the headline figures and per-class scores; the confusion matrix stays in
-    evaluation.json."""
+    evaluation.json. The validation score comes with its size and binomial standard error: differences
+    below about two of those are noise."""
     summary = {k: v for k, v in evaluation.items() if k != "confusion_matrix"}
     if validation_accuracy is not None:
         summary["validation_accuracy"] = round(validation_accuracy, 4)
+        if validation_images:
+            summary["validation_images"] = validation_images
+            se = (validation_accuracy * (1 - validation_accuracy) / validation_images) ** 0.5
+            summary["validation_standard_error"] = round(se, 4)
     return summary

@@ -217,12 +217,14 @@ def load(
     validation_size: int = 5_000,
     seed: int = 0,
     download: bool = True,
+    with_test: bool = True,
 ) -> Dataset:
     """Train/validation/test. Validation is carved from the training set with a fixed seed;
-    the test set is only ever used for final evaluation."""
+    the test set is only ever used for final evaluation (`with_test=False`: not even read, an empty split)."""
     folder = find_data_dir(data_dir, download=download)
     train = load_split(folder, "train")
-    test = load_split(folder, "test")
+    empty = Split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    test = load_split(folder, "test") if with_test else empty
     order = np.random.default_rng(seed).permutation(len(train.labels))
     val_idx, train_idx = order[:validation_size], order[validation_size:]
     return Dataset(

@@ -192,3 +192,44 @@ def test_cli_trains_a_recipe_into_its_own_model_name(tmp_path: Path) -> None:
     card = json.loads((folder / "card.json").read_text())
     assert card["training"]["recipe"] == "udacity-mlp" and card["training"]["batch_size"] == 32
     assert card["multiply_adds"] == 784 * 128 + 128 * 10
+
+
+def test_selection_runs_never_look_at_the_test_set_and_are_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`train --validation-only` writes the run and prints its validation score with its standard error; it
+    exports nothing and never reads the test images; `training.selection` logs the run with what it changed,
+    and `export` copies a selection.json in the model folder into the card."""
+    from training import data, selection
+
+    real_split = data.load_split
+
+    def no_test(folder: Path, kind: str) -> Split:
+        assert kind != "test", "a selection run read the test set"
+        return real_split(folder, kind)
+
+    monkeypatch.setattr(data, "load_split", no_test)
+    argv = ["train", "--validation-only", "--arch", "mlp", "--epochs", "1", "--train-limit", "300"]
+    argv += ["--label-smoothing", "0.1", "--seed", "3", "--out", str(tmp_path), "--name", "run-a"]
+    assert main(argv) == 0
+    folder = tmp_path / "run-a" / "1"
+    assert (folder / "model.keras").is_file() and not (folder / "model.onnx").exists()
+    assert "± " in capsys.readouterr().out
+    log_path = folder / "selection.json"
+    assert selection.main([str(folder), "--mirror", "--out", str(log_path)]) == 0
+    (line,) = json.loads(log_path.read_text())
+    assert line["run"] == "run-a" and line["seed"] == 3 and line["validation_images"] == 5_000
+    assert line["changes"] == {"arch": "mlp", "epochs": 1, "label_smoothing": 0.1}
+    se = (line["validation_accuracy"] * (1 - line["validation_accuracy"]) / 5_000) ** 0.5
+    assert line["validation_standard_error"] == pytest.approx(se, abs=1e-4)
+    # The mirrored score: each image's probabilities averaged with its mirror image's.
+    validation = load(download=False, with_test=False).validation
+    model = keras.models.load_model(folder / "model.keras")
+    x = to_tensor(validation.images)
+    p = model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)
+    assert line["validation_accuracy_mirrored"] == pytest.approx(np.mean(p.argmax(1) == validation.labels), abs=1e-4)
+    monkeypatch.setattr(data, "load_split", real_split)  # the export checks the head on test images
+    from training.__main__ import cmd_export
+
+    cmd_export(folder, None)
+    assert json.loads((folder / "card.json").read_text())["selection"] == [line]
