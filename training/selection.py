@@ -3,7 +3,7 @@
     python -m training.selection RUN_DIR... [--mirror] [--out selection.json]
 
 Each RUN_DIR is a version folder written by `train --validation-only` (model.keras and training.json). The
-log lists, per run: its name, seed, what it changed from the default recipe, the validation accuracy of the
+log lists, per run: its name, seed, its training options, the validation accuracy of the
 kept weights with its standard error, the epochs and the training time; with --mirror, also the validation
 accuracy when each image's prediction is averaged with its horizontal mirror's (what test-time mirroring
 inside the graph would buy). The test set is never read here. `export` copies a `selection.json` found in
@@ -14,15 +14,29 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# What every run is compared against: TrainConfig's defaults, minus what identifies a run rather than
-# what changes it.
-_NOT_CHOICES = {"seed", "split_seed", "recipe", "train_limit"}
+# The options a log line shows for each run, in full (not as changes from the defaults, which move when a
+# selection's winner becomes the default).
+RECIPE_OPTIONS = (
+    "arch",
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "learning_rate",
+    "schedule",
+    "weight_decay_per_step",
+    "ema_momentum",
+    "label_smoothing",
+    "augment",
+    "horizontal_flip",
+    "max_shift_px",
+    "random_erasing",
+    "checkpoint",
+)
 
 
 def standard_error(accuracy: float, images: int) -> float:
@@ -30,16 +44,9 @@ def standard_error(accuracy: float, images: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / images) if images else float("nan")
 
 
-def changes(config: dict[str, Any]) -> dict[str, Any]:
-    """The options of a run's config that differ from TrainConfig's defaults."""
-    from training.train import TrainConfig
-
-    defaults = asdict(TrainConfig())
-    return {
-        f.name: config[f.name]
-        for f in fields(TrainConfig)
-        if f.name not in _NOT_CHOICES and f.name in config and config[f.name] != defaults[f.name]
-    }
+def recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's training options, as its training.json recorded them."""
+    return {name: config[name] for name in RECIPE_OPTIONS if name in config}
 
 
 def entry(folder: Path, validation: Any | None = None) -> dict[str, Any]:
@@ -53,7 +60,7 @@ def entry(folder: Path, validation: Any | None = None) -> dict[str, Any]:
     line: dict[str, Any] = {
         "run": folder.parent.name if folder.name.isdigit() else folder.name,
         "seed": config["seed"],
-        "changes": changes(config),
+        "recipe": recipe(config),
         "validation_accuracy": round(accuracy, 4),
         "validation_standard_error": round(standard_error(accuracy, images), 4),
         "validation_images": images,
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{line['run']:<22} seed {line['seed']}  {line['validation_accuracy']:.4f} "
             f"± {line['validation_standard_error']:.4f}"
             + (f"  mirrored {mirrored:.4f}" if mirrored is not None else "")
-            + f"  {line['training_seconds']:6.0f} s  {json.dumps(line['changes'])}"
+            + f"  {line['training_seconds']:6.0f} s  {line['epochs_run']} epochs"
         )
     if args.out:
         args.out.write_text(json.dumps(log, indent=2) + "\n")

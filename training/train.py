@@ -29,8 +29,9 @@ def keras_weight_decay(decay_per_step: float, learning_rate: float) -> float:
 
 @dataclass
 class TrainConfig:
-    """One training recipe. The defaults are the committed `bn-cnn` recipe (models/fashion-mnist-cnn/1),
-    except that shifts are now drawn per image (they were one offset per batch: a bug)."""
+    """One training recipe. The defaults are the first default model's `bn-cnn` recipe
+    (models/fashion-mnist-cnn/1), except that shifts are now drawn per image (they were one offset per batch:
+    a bug). The current default model's recipe is the named recipe `fashion-mnist-cnn` (training/recipes.py)."""
 
     arch: str = architectures.DEFAULT_ARCH
     epochs: int = 15

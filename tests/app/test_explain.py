@@ -49,10 +49,13 @@ def reference(test_split) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-d
 
 
 def test_every_prediction_carries_the_ood_fields(client: TestClient, test_split, reference) -> None:  # type: ignore[no-untyped-def]
+    threshold = client.get(f"/v1/models/{MODEL}").json()["out_of_distribution"]["threshold"]
     for i in range(5):
         body = client.post("/v1/predict", files=_files(png_bytes(test_split.images[i]))).json()
         assert body["ood_score"] == pytest.approx(float(reference["ood_score"][i]), rel=1e-5)
-        assert body["in_distribution"] is True
+        # 95 % of garments pass by construction; the flag is the score against the model's threshold.
+        assert body["in_distribution"] is bool(reference["ood_score"][i] <= threshold)
+    assert sum(reference["ood_score"][:5] <= threshold) >= 4
     noise = client.post("/v1/predict", files=_files(_noise())).json()
     assert noise["in_distribution"] is False and noise["ood_score"] > body["ood_score"]
     with_maps = client.post("/v1/predict?feature_maps=true", files=_files(_noise())).json()

@@ -168,15 +168,16 @@ def test_the_default_model_of_several(tmp_path: Path, images: np.ndarray) -> Non
 
 
 def test_a_version_is_named_by_its_folder(tmp_path: Path, images: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    source = model_folder().name  # the version every copy's card names
     for version in ("1", "2", "10"):
-        model_version(tmp_path / MODEL_NAME / version)  # copies: each card says version 1
+        model_version(tmp_path / MODEL_NAME / version)  # copies of the served default
     with caplog.at_level(logging.WARNING, "service.repository"), serve(tmp_path) as client:
         assert predict(client, "/v1/predict", images[0])["model_version"] == "10"
         assert client.get(f"/v2/models/{MODEL_NAME}/versions/10/ready").status_code == 200
         assert client.get(f"/v2/models/{MODEL_NAME}/versions/1/ready").status_code == 404  # latest:1
         assert client.get(f"/v2/models/{MODEL_NAME}").json()["versions"] == ["10"]
         assert client.get("/v1/models").json()["models"][0]["versions"] == ["10"]
-    assert "its card's version is '1'; it is '10'" in caplog.text
+    assert f"its card's version is '{source}'; it is '10'" in caplog.text
     with serve(tmp_path, version_policy="all") as client:
         assert client.get(f"/v2/models/{MODEL_NAME}").json()["versions"] == ["10", "2", "1"]
     with serve(tmp_path, model_version="2") as client:

@@ -198,7 +198,7 @@ def test_selection_runs_never_look_at_the_test_set_and_are_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`train --validation-only` writes the run and prints its validation score with its standard error; it
-    exports nothing and never reads the test images; `training.selection` logs the run with what it changed,
+    exports nothing and never reads the test images; `training.selection` logs the run with its options,
     and `export` copies a selection.json in the model folder into the card."""
     from training import data, selection
 
@@ -219,7 +219,9 @@ def test_selection_runs_never_look_at_the_test_set_and_are_logged(
     assert selection.main([str(folder), "--mirror", "--out", str(log_path)]) == 0
     (line,) = json.loads(log_path.read_text())
     assert line["run"] == "run-a" and line["seed"] == 3 and line["validation_images"] == 5_000
-    assert line["changes"] == {"arch": "mlp", "epochs": 1, "label_smoothing": 0.1}
+    assert (
+        line["recipe"]["arch"] == "mlp" and line["recipe"]["epochs"] == 1 and line["recipe"]["label_smoothing"] == 0.1
+    )
     se = (line["validation_accuracy"] * (1 - line["validation_accuracy"]) / 5_000) ** 0.5
     assert line["validation_standard_error"] == pytest.approx(se, abs=1e-4)
     # The mirrored score: each image's probabilities averaged with its mirror image's.

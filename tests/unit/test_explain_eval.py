@@ -17,7 +17,7 @@ from tests.support import ROOT, model_folder
 from training import explain_eval
 
 ARTIFACTS = ROOT / "test-artifacts"
-FAITHFULNESS_IMAGES = 300
+FAITHFULNESS_IMAGES = 1000  # the issue's figure; Grad-CAM's margin needs them all
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,10 @@ def test_layercam_is_faithful(faithfulness: dict[str, Any]) -> None:
     assert layercam["vs random pixels"]["sign_test_p"] < 0.001
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured: Grad-CAM on conv3 (7×7) points largely at background next to the garment (the gap "
-    "between trouser legs, the space above a sneaker), where the absence of garment is the evidence; deleting "
-    "pixels that are already background changes nothing, so it does not beat random deletion (README)",
-)
 def test_gradcam_is_faithful(faithfulness: dict[str, Any]) -> None:
+    """Grad-CAM passes on the default model, by a thin margin (README): its spatial average at conv3's 7×7
+    also lights background beside the garment, where deleting changes nothing. (On version 1 it failed:
+    beat random deletion on 44 % of the images.)"""
     gradcam = faithfulness["methods"]["gradcam"]
     assert gradcam["mean_drop"] > faithfulness["baselines"]["random pixels"]["mean_drop"]
     assert gradcam["vs random pixels"]["sign_test_p"] < 0.001

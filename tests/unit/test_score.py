@@ -181,13 +181,14 @@ def test_csv_and_jsonl_hold_the_same_rows(capsys, tmp_path, test_split) -> None:
     lines = read_jsonl(tmp_path / "r.jsonl")
     assert lines == [json.loads(line) for line in stdout.splitlines()]
     assert len(table) == len(lines) == 12
+    assert sum(line["in_distribution"] for line in lines) >= 10
     for row, line in zip(table, lines, strict=True):
         assert set(line) == {
             "source", "label", "class_id", "probability", "top_k", "probabilities", "true_label", "true_class_id",
             "error", "ood_score", "in_distribution",
         }  # fmt: skip
-        # Test images: in distribution, the same score in both files (the model's OOD fields, service/ood.py).
-        assert line["in_distribution"] is True and row["in_distribution"] == "True"
+        # The same OOD fields in both files (service/ood.py); test images mostly pass (95 % by construction).
+        assert row["in_distribution"] == str(line["in_distribution"]) and isinstance(line["in_distribution"], bool)
         assert float(row["ood_score"]) == line["ood_score"] > 0
         assert row["source"] == line["source"] and row["label"] == line["label"]
         assert int(row["class_id"]) == line["class_id"] and float(row["probability"]) == line["probability"]
