@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests.support import ROOT, container_run, free_port
+from tests.support import ROOT, container_run, free_port, model_folder
 from tests.support import tail as _tail
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-MODEL_PATH = ROOT / "models" / "fashion-mnist-cnn" / "1" / "model.onnx"
+MODEL_PATH = model_folder() / "model.onnx"  # the default model's highest version: what the image serves
 SERVICE = "fashion-serve"
 IMAGE_NAME = "fashion-serve-test"
 IMAGE_LIMIT_BYTES = 400 * 10**6  # "MB" as docker reports sizes

@@ -31,14 +31,15 @@ RUNNABLE = {"sh", "python"}
 ANNOTATION = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
 # The blocks not run, by their first line, and why (the README says the same beside each).
 SKIPPED = {
-    "make serve   # http://127.0.0.1:8000: the committed model, the web page, the API and its documentation": (
+    "make serve   # http://127.0.0.1:8000: the default model, the web page, the API and its documentation": (
         "make serve starts the server, which the test starts itself; make test is the whole suite"
     ),
     "docker-compose up -d --build          # http://127.0.0.1:8000, healthcheck on /readyz, restart unless-stopped": (
         "needs a Docker engine and builds an image: tests/container/ does that"
     ),
-    ".venv/bin/fashion-train train --arch bn-cnn --epochs 15 --batch-size 128 --seed 0 --out models": (
-        "training takes about 30 minutes on 2 cores; tests/training/ trains a small model instead"
+    ".venv/bin/fashion-train train --recipe fashion-mnist-cnn --out models   # the default model's recipe: writes "
+    "models/fashion-mnist-cnn/3": (
+        "training takes about 12 minutes on 2 cores; tests/training/ trains a small model instead"
     ),
     "kubectl create namespace fashion": "needs a Kubernetes cluster: tests render and validate the manifests instead",
     "pip install 'fashion-serve[ray]'    # on every node, and where the job is submitted from": (

@@ -115,8 +115,11 @@ def test_all_outputs_when_none_requested(
     for output in served["outputs"]:
         assert list(result.as_numpy(output["name"]).shape) == [N, *output["shape"][1:]]
     # And the derived outputs, as tritonclient decodes them (BOOL included).
-    assert result.as_numpy("in_distribution").dtype == np.bool_ and result.as_numpy("in_distribution").all()
-    assert result.as_numpy("ood_score").shape == (N,) and result.as_numpy("gradcam").shape == (N, 28, 28)
+    flags, scores = result.as_numpy("in_distribution"), result.as_numpy("ood_score")
+    assert flags.dtype == np.bool_ and scores.shape == (N,) and flags.sum() >= N - 1  # 95 % of garments pass
+    np.testing.assert_array_equal(flags, scores <= served["out_of_distribution"]["threshold"])
+    for method in ("gradcam", "layercam"):
+        assert result.as_numpy(method).shape == (N, 28, 28)
 
 
 @pytest.mark.parametrize("binary", [True, False])
