@@ -46,10 +46,6 @@ class Method(StrEnum):
     occlusion = "occlusion"
 
 
-# The methods computed from the exact gradient at the last conv layer (they need the model's head).
-GRADIENT_METHODS = (Method.gradcam, Method.layercam)
-
-
 @dataclass(frozen=True)
 class Explanation:
     """One image's attribution map for one class, with the image's prediction."""
@@ -221,7 +217,9 @@ def layercam(head: Head, features: np.ndarray, embedding: np.ndarray, class_ids:
     return upsample(np.maximum(cam, 0.0))
 
 
+# The methods computed from the exact gradient at the last conv layer (they need the model's head).
 GRADIENT_MAPS = {Method.gradcam: gradcam, Method.layercam: layercam}
+GRADIENT_METHODS = tuple(GRADIENT_MAPS)
 
 
 # -------------------------------------------------------------------------------------------- occlusion

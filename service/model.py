@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.errors import ModelLoadError, NotFound
-from service.explain import Head
+from service.explain import GRADIENT_METHODS, Head
 from service.ood import OodModel
 
 log = logging.getLogger("service.model")
@@ -391,8 +391,8 @@ class Model:
             "metrics": self.card.metrics,
             "parameters": self.card.raw.get("parameters"),
             "created": self.card.raw.get("created"),
-            # POST /v1/explain's methods for this version (Grad-CAM needs the card's head file).
-            "explanations": (["gradcam", "layercam"] if self.head is not None else []) + ["occlusion"],
+            # POST /v1/explain's methods for this version (the gradient methods need the card's head file).
+            "explanations": ([m.value for m in GRADIENT_METHODS] if self.head is not None else []) + ["occlusion"],
             "out_of_distribution": None
             if self.ood is None
             else {

@@ -222,10 +222,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     save(result, cfg, folder)
     val_accuracy = result.history["val_accuracy"][result.best_epoch - 1]
     if args.validation_only:
+        from training.card import standard_error
+
         n_val = len(dataset.validation.labels)
-        se = (val_accuracy * (1 - val_accuracy) / n_val) ** 0.5
         print(
-            f"{folder}: validation accuracy {val_accuracy:.4f} ± {se:.4f} (standard error, {n_val} images), "
+            f"{folder}: validation accuracy {val_accuracy:.4f} ± {standard_error(val_accuracy, n_val):.4f} "
+            f"(standard error, {n_val} images), "
             f"epoch {result.best_epoch} of {len(result.history['loss'])}, {result.seconds:.0f} s; test set not used"
         )
         return 0
@@ -327,9 +329,11 @@ def cmd_export(folder: Path, data_dir: Path | None, *, keep_created: bool = True
     # The model's own split: the explanation head is checked on test images, the OOD Gaussians are fitted
     # on its training images and their threshold chosen on its validation images.
     config = record.get("config", {})
-    split_seed = int(config.get("split_seed", config.get("seed", 0)))
     dataset = data.load(
-        data_dir, validation_size=int(config.get("validation_size", 5_000)), seed=split_seed, download=data_dir is None
+        data_dir,
+        validation_size=int(config.get("validation_size", 5_000)),
+        seed=data.split_seed_of(config),
+        download=data_dir is None,
     )
     test = dataset.test
     target = folder / "model.onnx"

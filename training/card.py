@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
@@ -56,9 +57,9 @@ def build(
     selection: list[dict[str, object]] | None = None,
 ) -> dict[str, object]:
     """The card of one exported version. `lean_path` is the graph with only `lean_outputs` as outputs (the
-        probabilities and the embedding), which the server prefers for runs that want nothing else; `extras`
-        are the entries of the files beside the graphs ({"explain": {"file": ..., ...}, "ood": ...}: each
-        gets its file's SHA-256); `selection` is the log of the runs the model was chosen from (validation scores
+    probabilities and the embedding), which the server prefers for runs that want nothing else; `extras`
+    are the entries of the files beside the graphs ({"explain": {"file": ..., ...}, "ood": ...}: each
+    gets its file's SHA-256); `selection` is the log of the runs the model was chosen from (validation scores
     only; training/selection.py); `created` defaults to now."""
     folder = onnx_path.parent
     return {
@@ -106,6 +107,11 @@ def write(folder: Path, card: dict[str, object]) -> None:
     (folder / CARD).write_text(json.dumps(card, indent=2) + "\n")
 
 
+def standard_error(accuracy: float, images: int) -> float:
+    """Binomial standard error of an accuracy measured on `images` images."""
+    return math.sqrt(accuracy * (1 - accuracy) / images) if images else float("nan")
+
+
 def card_metrics(
     evaluation: dict[str, object], validation_accuracy: float | None, validation_images: int | None = None
 ) -> dict[str, object]:
@@ -117,6 +123,5 @@ def card_metrics(
         summary["validation_accuracy"] = round(validation_accuracy, 4)
         if validation_images:
             summary["validation_images"] = validation_images
-            se = (validation_accuracy * (1 - validation_accuracy) / validation_images) ** 0.5
-            summary["validation_standard_error"] = round(se, 4)
+            summary["validation_standard_error"] = round(standard_error(validation_accuracy, validation_images), 4)
     return summary

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -223,8 +223,7 @@ def load(
     the test set is only ever used for final evaluation (`with_test=False`: not even read, an empty split)."""
     folder = find_data_dir(data_dir, download=download)
     train = load_split(folder, "train")
-    empty = Split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
-    test = load_split(folder, "test") if with_test else empty
+    test = load_split(folder, "test") if with_test else Split(np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
     order = np.random.default_rng(seed).permutation(len(train.labels))
     val_idx, train_idx = order[:validation_size], order[validation_size:]
     return Dataset(
@@ -234,6 +233,12 @@ def load(
         source=folder,
         sha256={name: sha256_of(folder / name) for name in FILES.values()},
     )
+
+
+def split_seed_of(config: dict[str, Any]) -> int:
+    """The validation split's seed of a training record's config: `split_seed`, or for records written
+    before it existed, `seed` (which then seeded both)."""
+    return int(config.get("split_seed", config.get("seed", 0)))
 
 
 def load_test(data_dir: str | Path | None = None, download: bool = False) -> Split:

@@ -13,11 +13,13 @@ the model folder into the card.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from training.card import standard_error
+from training.data import split_seed_of
 
 # The options a log line shows for each run, in full (not as changes from the defaults, which move when a
 # selection's winner becomes the default).
@@ -37,11 +39,6 @@ RECIPE_OPTIONS = (
     "random_erasing",
     "checkpoint",
 )
-
-
-def standard_error(accuracy: float, images: int) -> float:
-    """Binomial standard error of an accuracy measured on `images` images."""
-    return math.sqrt(accuracy * (1 - accuracy) / images) if images else float("nan")
 
 
 def recipe(config: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _split_of(run: Path) -> list[int]:
     config = json.loads((run / "training.json").read_text())["config"]
-    return [int(config["validation_size"]), int(config.get("split_seed", config["seed"]))]
+    return [int(config["validation_size"]), split_seed_of(config)]
 
 
 if __name__ == "__main__":
